@@ -1,0 +1,262 @@
+//! What a call sends ([`Call`]) and what it gets back ([`Response`]).
+
+use std::ops::Range;
+use std::time::Duration;
+
+use quasar_transport::wire::{ArchivedResponseHeader, PayloadLayout};
+use quasar_transport::{BufferDesc, ElemType, NamedScalar, RequestHeader, Scalar, Timings};
+
+use crate::error::{CallError, OutputError, ProtocolError};
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for u32 {}
+    impl Sealed for i32 {}
+}
+
+/// An element type a buffer may hold: `f32`, `u32` or `i32`.
+pub trait Element: bytemuck::Pod + sealed::Sealed {
+    /// The wire type.
+    const ELEM: ElemType;
+}
+impl Element for f32 {
+    const ELEM: ElemType = ElemType::F32;
+}
+impl Element for u32 {
+    const ELEM: ElemType = ElemType::U32;
+}
+impl Element for i32 {
+    const ELEM: ElemType = ElemType::I32;
+}
+
+/// A call to a kernel: its name, scalar arguments and input buffers.
+///
+/// Built with chained methods and run with [`crate::Client::execute`].
+/// Names must match the kernel's WGSL (`var<storage>` names for buffers,
+/// uniform struct members for arguments); the server says which is wrong
+/// otherwise.
+#[derive(Debug, Clone)]
+pub struct Call {
+    kernel: String,
+    args: Vec<NamedScalar>,
+    buffers: Vec<(BufferDesc, Vec<u8>)>,
+    pub(crate) deadline: Option<Duration>,
+    workgroups: Option<[u32; 3]>,
+}
+
+impl Call {
+    /// A call to `kernel` with no arguments yet.
+    pub fn new(kernel: impl Into<String>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            args: Vec::new(),
+            buffers: Vec::new(),
+            deadline: None,
+            workgroups: None,
+        }
+    }
+
+    /// Adds a scalar argument (`f32`, `u32` or `i32`).
+    pub fn arg(mut self, name: impl Into<String>, value: impl Into<Scalar>) -> Self {
+        self.args.push(NamedScalar {
+            name: name.into(),
+            value: value.into(),
+        });
+        self
+    }
+
+    /// Adds an input buffer (copied into the request).
+    pub fn input<T: Element>(mut self, name: impl Into<String>, data: &[T]) -> Self {
+        self.buffers.push((
+            BufferDesc {
+                name: name.into(),
+                elem: T::ELEM,
+                len: data.len() as u64,
+            },
+            bytemuck::cast_slice(data).to_vec(),
+        ));
+        self
+    }
+
+    /// Adds an input buffer from raw little-endian bytes (a file's contents,
+    /// say). The length must be a multiple of the element size; this is
+    /// checked when the call is run.
+    pub fn input_bytes(mut self, name: impl Into<String>, elem: ElemType, bytes: Vec<u8>) -> Self {
+        self.buffers.push((
+            BufferDesc {
+                name: name.into(),
+                elem,
+                len: (bytes.len() / elem.size()) as u64,
+            },
+            bytes,
+        ));
+        self
+    }
+
+    /// Gives up after `timeout`: the server does not start the call later
+    /// than that (DEADLINE_EXCEEDED), and the client stops waiting then too.
+    pub fn deadline(mut self, timeout: Duration) -> Self {
+        self.deadline = Some(timeout);
+        self
+    }
+
+    /// Dispatches exactly these workgroup counts instead of the kernel's
+    /// rule (single-stage kernels only).
+    pub fn workgroups(mut self, counts: [u32; 3]) -> Self {
+        self.workgroups = Some(counts);
+        self
+    }
+
+    /// The kernel's name.
+    pub fn kernel(&self) -> &str {
+        &self.kernel
+    }
+
+    pub(crate) fn into_request(self) -> Result<(RequestHeader, Vec<Vec<u8>>), CallError> {
+        let mut descs = Vec::with_capacity(self.buffers.len());
+        let mut bytes = Vec::with_capacity(self.buffers.len());
+        for (desc, data) in self.buffers {
+            if data.len() % desc.elem.size() != 0 {
+                return Err(CallError::InvalidCall(format!(
+                    "buffer `{}` has {} bytes, not a whole number of {} elements",
+                    desc.name,
+                    data.len(),
+                    desc.elem
+                )));
+            }
+            descs.push(desc);
+            bytes.push(data);
+        }
+        let timeout_us = self
+            .deadline
+            .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        Ok((
+            RequestHeader {
+                kernel: self.kernel,
+                args: self.args,
+                buffers: descs,
+                timeout_us,
+                workgroups: self.workgroups,
+            },
+            bytes,
+        ))
+    }
+}
+
+/// Client-side timings of a call, each from the moment the call started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientTimings {
+    /// Request encoded.
+    pub encode: Duration,
+    /// Request written and finished.
+    pub sent: Duration,
+    /// First bytes of the response read.
+    pub first_byte: Duration,
+    /// Response read in full.
+    pub total: Duration,
+}
+
+/// One output buffer, untyped.
+#[derive(Debug, Clone, Copy)]
+pub struct OutputRef<'a> {
+    /// Buffer name.
+    pub name: &'a str,
+    /// Element type.
+    pub elem: ElemType,
+    /// Little-endian bytes.
+    pub bytes: &'a [u8],
+}
+
+/// A successful call's outputs and timings.
+#[derive(Debug)]
+pub struct Response {
+    outputs: Vec<(BufferDesc, Range<usize>)>,
+    payload: quasar_transport::Payload,
+    timings: Timings,
+    client: ClientTimings,
+}
+
+impl Response {
+    pub(crate) fn new(
+        outputs: Vec<(BufferDesc, Range<usize>)>,
+        payload: quasar_transport::Payload,
+        timings: Timings,
+        client: ClientTimings,
+    ) -> Self {
+        Self {
+            outputs,
+            payload,
+            timings,
+            client,
+        }
+    }
+
+    /// The output called `name`, viewed in place as `T`.
+    ///
+    /// # Errors
+    /// [`OutputError`] if there is no such output or it holds another type.
+    pub fn output<T: Element>(&self, name: &str) -> Result<&[T], OutputError> {
+        let (desc, range) = self
+            .outputs
+            .iter()
+            .find(|(d, _)| d.name == name)
+            .ok_or_else(|| OutputError::NotFound(name.to_owned()))?;
+        if desc.elem != T::ELEM {
+            return Err(OutputError::WrongType {
+                name: name.to_owned(),
+                actual: desc.elem,
+                requested: T::ELEM,
+            });
+        }
+        bytemuck::try_cast_slice(&self.payload[range.clone()])
+            .map_err(|_| OutputError::Misaligned(name.to_owned()))
+    }
+
+    /// Every output, in the order the server sent them.
+    pub fn outputs(&self) -> impl Iterator<Item = OutputRef<'_>> {
+        self.outputs.iter().map(|(d, r)| OutputRef {
+            name: &d.name,
+            elem: d.elem,
+            bytes: &self.payload[r.clone()],
+        })
+    }
+
+    /// Where the server spent its time.
+    pub fn timings(&self) -> Timings {
+        self.timings
+    }
+
+    /// Where the client spent its time.
+    pub fn client_timings(&self) -> ClientTimings {
+        self.client
+    }
+
+    /// Bytes of output received.
+    pub fn payload_len(&self) -> usize {
+        self.payload.len()
+    }
+}
+
+/// The outputs a response header describes, checked against the payload
+/// length the prefix declared.
+pub(crate) fn outputs_of(
+    archived: &ArchivedResponseHeader,
+    payload_len: u64,
+) -> Result<Vec<(BufferDesc, Range<usize>)>, ProtocolError> {
+    let descs: Vec<BufferDesc> = archived
+        .buffers
+        .iter()
+        .map(|b| BufferDesc {
+            name: b.name.as_str().to_owned(),
+            elem: b.elem.to_native(),
+            len: b.len.to_native(),
+        })
+        .collect();
+    let layout = PayloadLayout::new(descs.iter().map(|d| (d.name.as_str(), d.elem, d.len)))?;
+    layout.check_len(payload_len)?;
+    Ok(descs
+        .into_iter()
+        .zip(layout.slots().iter().cloned())
+        .collect())
+}

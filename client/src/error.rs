@@ -1,0 +1,129 @@
+//! The SDK's errors: connecting, calling, and reading outputs.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use quasar_transport::tls::TlsError;
+use quasar_transport::{ElemType, ReadFrameError, StatusCode, Timings, WireError};
+use thiserror::Error;
+
+/// Why [`crate::Client::connect`] failed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// A PEM file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The certificates or key are unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The local UDP socket could not be bound.
+    #[error("binding a local UDP socket: {0}")]
+    Bind(#[source] std::io::Error),
+    /// The connection could not be started (an invalid server name, say).
+    #[error("connecting: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    /// The handshake failed: refused by the server (no or unknown client
+    /// certificate) or by this client (server certificate not trusted or not
+    /// valid for the server name).
+    #[error("handshake failed: {0}")]
+    Handshake(#[from] quinn::ConnectionError),
+    /// No handshake within the connect timeout.
+    #[error("no answer from the server within {0:?}")]
+    Timeout(Duration),
+}
+
+/// The server's response broke the protocol.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// The header archive is invalid.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The status code is not one this client knows.
+    #[error("unknown status code {0}")]
+    UnknownStatus(u16),
+}
+
+/// Why a call failed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum CallError {
+    /// The server refused or failed the call.
+    #[error("{code}: {message}")]
+    Status {
+        /// The status code.
+        code: StatusCode,
+        /// The server's message.
+        message: String,
+        /// Where the server spent its time.
+        timings: Timings,
+    },
+    /// The call is not valid before anything is sent (too large, say).
+    #[error("invalid call: {0}")]
+    InvalidCall(String),
+    /// The connection is gone.
+    #[error("connection lost: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// The request could not be sent.
+    #[error("sending the request: {0}")]
+    Send(#[source] quinn::WriteError),
+    /// The response could not be received.
+    #[error("receiving the response: {0}")]
+    Receive(#[source] ReadFrameError),
+    /// The response broke the protocol.
+    #[error("invalid response: {0}")]
+    Protocol(#[from] ProtocolError),
+    /// The call's deadline passed on the client's clock.
+    #[error("no response within the deadline of {0:?}")]
+    DeadlineExceeded(Duration),
+}
+
+impl CallError {
+    /// The status code that best describes the failure: the server's for
+    /// [`CallError::Status`], `UNAVAILABLE` for transport failures.
+    pub fn code(&self) -> StatusCode {
+        match self {
+            Self::Status { code, .. } => *code,
+            Self::InvalidCall(_) => StatusCode::InvalidArgument,
+            Self::DeadlineExceeded(_) => StatusCode::DeadlineExceeded,
+            Self::Protocol(_) => StatusCode::Internal,
+            Self::Connection(_) | Self::Send(_) | Self::Receive(_) => StatusCode::Unavailable,
+        }
+    }
+
+    /// True if the connection or stream failed, as opposed to the server
+    /// answering with a status.
+    pub fn is_transport(&self) -> bool {
+        matches!(self, Self::Connection(_) | Self::Send(_) | Self::Receive(_))
+    }
+}
+
+/// Why an output could not be read from a [`crate::Response`].
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OutputError {
+    /// The response has no output of that name.
+    #[error("no output named `{0}`")]
+    NotFound(String),
+    /// The output holds another element type.
+    #[error("output `{name}` holds {actual}, not {requested}")]
+    WrongType {
+        /// Output name.
+        name: String,
+        /// Its element type.
+        actual: ElemType,
+        /// The type asked for.
+        requested: ElemType,
+    },
+    /// The output's bytes cannot be viewed as the element type (a length
+    /// that is not a whole number of elements).
+    #[error("output `{0}` is not a whole number of elements")]
+    Misaligned(String),
+}

@@ -1,0 +1,327 @@
+//! The Quasar SDK: connect once to a Quasar server over QUIC with mutual TLS,
+//! then run compute kernels on its GPU from as many tasks as you like.
+//!
+//! Every call travels on its own QUIC stream, so calls never wait for each
+//! other; a [`Client`] is a cheap handle (clone it into each task) on one
+//! connection.
+//!
+//! ```no_run
+//! use quasar_client::{Call, Client, ClientConfig};
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = ClientConfig::from_pem_files(
+//!     "127.0.0.1:4433".parse()?,
+//!     "localhost",
+//!     "pki/ca.pem",
+//!     "pki/alice.pem",
+//!     "pki/alice.key",
+//! )
+//! .await?;
+//! let client = Client::connect(config).await?;
+//!
+//! let x = vec![1.0f32, 2.0, 3.0];
+//! let y = vec![10.0f32, 20.0, 30.0];
+//! let response = client
+//!     .execute(Call::new("saxpy").arg("a", 2.0f32).input("x", &x).input("y", &y))
+//!     .await?;
+//! assert_eq!(response.output::<f32>("y")?, &[12.0, 24.0, 36.0]);
+//! println!("GPU time: {} us", response.timings().gpu_us);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! A runnable version, which starts its own server, is `examples/sdk.rs` at
+//! the root of the workspace (`cargo run --example sdk`).
+//!
+//! # Layout
+//! - this file: [`ClientConfig`], [`Client`] and the call path.
+//! - [`call`]: [`Call`] (what to run) and [`Response`] (typed outputs and
+//!   server timings).
+//! - [`error`]: [`ConnectError`], [`CallError`], [`OutputError`].
+//!
+//! # Errors
+//! A call fails with [`CallError::Status`] when the server refused or failed
+//! it (its [`StatusCode`] and message), with a transport variant when the
+//! connection or stream broke, and with [`CallError::DeadlineExceeded`] when
+//! the call's own deadline passed on the client's clock.
+
+pub mod call;
+pub mod error;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quasar_transport::frame::FrameKind;
+use quasar_transport::io::{read_aligned, read_frame, write_frame};
+use quasar_transport::tls::{self, QuicTuning};
+use quasar_transport::wire::{PayloadLayout, access_response, encode_request};
+use quasar_transport::{CloseCode, Limits, StreamCode};
+
+pub use call::{Call, Element, OutputRef, Response};
+pub use error::{CallError, ConnectError, OutputError, ProtocolError};
+pub use quasar_transport::{ElemType, Scalar, StatusCode, Timings};
+
+/// How to reach and authenticate to a server.
+#[derive(Clone)]
+pub struct ClientConfig {
+    /// The server's UDP address.
+    pub server: SocketAddr,
+    /// The name the server's certificate must be valid for.
+    pub server_name: String,
+    /// The CA that signed the server's certificate, PEM.
+    pub ca_pem: Vec<u8>,
+    /// This client's certificate chain, PEM.
+    pub cert_pem: Vec<u8>,
+    /// This client's private key, PEM.
+    pub key_pem: Vec<u8>,
+    /// QUIC transport parameters.
+    pub quic: QuicTuning,
+    /// Caps on what the server may send back.
+    pub limits: Limits,
+    /// How long the handshake may take.
+    pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("server", &self.server)
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientConfig {
+    /// A configuration from PEM bytes, with default tuning: keep-alives every
+    /// 5 s so an idle connection survives the server's idle timeout.
+    pub fn new(
+        server: SocketAddr,
+        server_name: impl Into<String>,
+        ca_pem: Vec<u8>,
+        cert_pem: Vec<u8>,
+        key_pem: Vec<u8>,
+    ) -> Self {
+        Self {
+            server,
+            server_name: server_name.into(),
+            ca_pem,
+            cert_pem,
+            key_pem,
+            quic: QuicTuning {
+                keep_alive: Some(Duration::from_secs(5)),
+                ..QuicTuning::default()
+            },
+            limits: Limits::default(),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// A configuration from PEM files (read without blocking the runtime).
+    ///
+    /// # Errors
+    /// [`ConnectError::Io`] naming the file that could not be read.
+    pub async fn from_pem_files(
+        server: SocketAddr,
+        server_name: impl Into<String>,
+        ca: impl AsRef<Path>,
+        cert: impl AsRef<Path>,
+        key: impl AsRef<Path>,
+    ) -> Result<Self, ConnectError> {
+        async fn read(p: &Path) -> Result<Vec<u8>, ConnectError> {
+            tokio::fs::read(p).await.map_err(|source| ConnectError::Io {
+                path: p.to_owned(),
+                source,
+            })
+        }
+        Ok(Self::new(
+            server,
+            server_name,
+            read(ca.as_ref()).await?,
+            read(cert.as_ref()).await?,
+            read(key.as_ref()).await?,
+        ))
+    }
+}
+
+/// A connection to a Quasar server. Cheap to clone; every clone shares the
+/// one QUIC connection, and calls from any number of tasks run concurrently.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    limits: Limits,
+}
+
+impl Client {
+    /// Connects and completes the mutual-TLS handshake.
+    ///
+    /// # Errors
+    /// [`ConnectError`]: unusable PEM, a socket error, a handshake the server
+    /// or this client refused (wrong CA, wrong server name, expired
+    /// certificate), or no answer within the connect timeout.
+    pub async fn connect(config: ClientConfig) -> Result<Self, ConnectError> {
+        let roots = tls::roots_from_pem(&config.ca_pem)?;
+        let chain = tls::certs_from_pem(&config.cert_pem, "client certificate")?;
+        let key = tls::key_from_pem(&config.key_pem)?;
+        let quic = tls::client_config(roots, chain, key, &config.quic)?;
+        let bind: SocketAddr = if config.server.is_ipv6() {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(ConnectError::Bind)?;
+        endpoint.set_default_client_config(quic);
+        let connecting = endpoint.connect(config.server, &config.server_name)?;
+        let conn = tokio::time::timeout(config.connect_timeout, connecting)
+            .await
+            .map_err(|_| ConnectError::Timeout(config.connect_timeout))??;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                endpoint,
+                conn,
+                limits: config.limits,
+            }),
+        })
+    }
+
+    /// The server's address.
+    pub fn remote_address(&self) -> SocketAddr {
+        self.inner.conn.remote_address()
+    }
+
+    /// Runs a call and waits for its outputs.
+    ///
+    /// Dropping the returned future cancels the call: its stream is reset
+    /// with [`StreamCode::Cancelled`], and the server does not run it if it
+    /// has not started.
+    ///
+    /// # Errors
+    /// [`CallError`]; see the crate docs.
+    pub async fn execute(&self, call: Call) -> Result<Response, CallError> {
+        match call.deadline {
+            Some(limit) => tokio::time::timeout(limit, self.execute_inner(call))
+                .await
+                .map_err(|_| CallError::DeadlineExceeded(limit))?,
+            None => self.execute_inner(call).await,
+        }
+    }
+
+    async fn execute_inner(&self, call: Call) -> Result<Response, CallError> {
+        let started = Instant::now();
+        let limits = &self.inner.limits;
+        let (header, buffers) = call.into_request()?;
+        let layout = PayloadLayout::new(
+            header
+                .buffers
+                .iter()
+                .map(|b| (b.name.as_str(), b.elem, b.len)),
+        )
+        .map_err(|e| CallError::InvalidCall(e.to_string()))?;
+        if layout.total() as u64 > limits.max_payload_len {
+            return Err(CallError::InvalidCall(format!(
+                "payload of {} bytes exceeds the limit of {} bytes",
+                layout.total(),
+                limits.max_payload_len
+            )));
+        }
+        let header_bytes =
+            encode_request(&header).map_err(|e| CallError::InvalidCall(e.to_string()))?;
+        if header_bytes.len() > limits.max_header_len as usize {
+            return Err(CallError::InvalidCall(format!(
+                "request header of {} bytes exceeds the limit of {} bytes",
+                header_bytes.len(),
+                limits.max_header_len
+            )));
+        }
+        let encoded = started.elapsed();
+
+        let (send, recv) = self.inner.conn.open_bi().await?;
+        let mut stream = CallStream {
+            send,
+            recv,
+            done: false,
+        };
+        match write_frame(
+            &mut stream.send,
+            FrameKind::Request,
+            &header_bytes,
+            &buffers,
+        )
+        .await
+        {
+            Ok(()) => {
+                let _ = stream.send.finish();
+            }
+            // The server refused the call before reading all of it; its
+            // reply says why.
+            Err(quinn::WriteError::Stopped(_)) => {}
+            Err(e) => return Err(CallError::Send(e)),
+        }
+        let sent = started.elapsed();
+
+        let (prefix, header) = read_frame(&mut stream.recv, FrameKind::Response, limits)
+            .await
+            .map_err(CallError::Receive)?;
+        let first_byte = started.elapsed();
+        let archived = access_response(&header).map_err(ProtocolError::Wire)?;
+        let status = archived.status.to_native();
+        let code = StatusCode::from_u16(status).ok_or(ProtocolError::UnknownStatus(status))?;
+        let timings = archived.timings.to_native();
+        if code != StatusCode::Ok {
+            stream.done = true;
+            return Err(CallError::Status {
+                code,
+                message: archived.message.as_str().to_owned(),
+                timings,
+            });
+        }
+        let outputs = call::outputs_of(archived, prefix.payload_len)?;
+        let payload = read_aligned(&mut stream.recv, prefix.payload_len, "payload")
+            .await
+            .map_err(CallError::Receive)?;
+        stream.done = true;
+        Ok(Response::new(
+            outputs,
+            payload,
+            timings,
+            call::ClientTimings {
+                encode: encoded,
+                sent,
+                first_byte,
+                total: started.elapsed(),
+            },
+        ))
+    }
+
+    /// Closes the connection (calls in flight fail) and waits until the
+    /// server has been told.
+    pub async fn close(&self) {
+        self.inner
+            .conn
+            .close(CloseCode::ClientDone.varint(), b"client closed");
+        self.inner.endpoint.wait_idle().await;
+    }
+}
+
+/// A call's stream; resets itself if dropped before the reply was read.
+struct CallStream {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    done: bool,
+}
+
+impl Drop for CallStream {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.send.reset(StreamCode::Cancelled.varint());
+            let _ = self.recv.stop(StreamCode::Cancelled.varint());
+        }
+    }
+}

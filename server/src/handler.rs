@@ -1,0 +1,337 @@
+//! One connection, and one call per stream.
+//!
+//! A call's steps, each bounded: read the 20-byte prefix and check it; read
+//! the header (at most `max_header_len`) and validate the archive; find the
+//! kernel and check the request against it ([`crate::kernel::plan`]);
+//! reserve the call's bytes from the server's in-flight budget; read the
+//! payload; queue the job for the GPU; await the result, the caller going
+//! away, or the deadline; write the reply and finish the stream.
+//!
+//! Every refusal is a status reply with a message. When the request was not
+//! read to its end, the server also sends `STOP_SENDING` with
+//! [`StreamCode::RequestRejected`] so the client stops uploading. A request
+//! that does not arrive within the read timeout is reset with
+//! [`StreamCode::RequestTimeout`] on both halves.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quasar_transport::frame::FrameKind;
+use quasar_transport::io::{read_aligned, read_frame, write_frame};
+use quasar_transport::wire::{access_request, encode_response};
+use quasar_transport::{
+    BufferDesc, FrameError, Payload, ReadFrameError, ResponseHeader, StatusCode, StreamCode,
+    Timings,
+};
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::Shared;
+use crate::gpu::executor::{Job, SubmitError};
+use crate::kernel::plan::plan;
+
+/// Serves one connection: completes the handshake, then spawns a task per
+/// incoming stream until the connection closes or the server shuts down.
+pub(crate) async fn connection(
+    incoming: quinn::Incoming,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::info!(%remote, error = %e, "handshake failed");
+            return;
+        }
+    };
+    tracing::info!(%remote, "connection established");
+    loop {
+        tokio::select! {
+            stream = conn.accept_bi() => match stream {
+                Ok((send, recv)) => {
+                    let shared = shared.clone();
+                    tracker.spawn(async move { call(send, recv, &shared).await });
+                }
+                Err(e) => {
+                    tracing::info!(%remote, reason = %e, "connection closed");
+                    break;
+                }
+            },
+            () = cancel.cancelled() => break,
+        }
+    }
+}
+
+/// How a call ended, short of a successful reply.
+enum Failure {
+    /// Reply with this status; `unread` if the request was not read to its end.
+    Status {
+        code: StatusCode,
+        message: String,
+        unread: bool,
+    },
+    /// Reset both halves of the stream with this code.
+    Reset(StreamCode),
+    /// The client is gone (reset, stopped, connection lost): nobody to tell.
+    Gone,
+}
+
+impl Failure {
+    fn status(code: StatusCode, message: impl Into<String>, unread: bool) -> Self {
+        Self::Status {
+            code,
+            message: message.into(),
+            unread,
+        }
+    }
+}
+
+struct Success {
+    header: ResponseHeader,
+    payload: Payload,
+    _permit: OwnedSemaphorePermit,
+}
+
+async fn call(mut send: quinn::SendStream, mut recv: quinn::RecvStream, shared: &Shared) {
+    let received = Instant::now();
+    let outcome = run(&mut send, &mut recv, shared, received).await;
+    let elapsed = || micros(received.elapsed());
+    match outcome {
+        Ok(mut ok) => {
+            ok.header.timings.total_us = elapsed();
+            let status = StatusCode::Ok;
+            match encode_response(&ok.header) {
+                Ok(bytes) => {
+                    if let Err(e) =
+                        write_frame(&mut send, FrameKind::Response, &bytes, &[&ok.payload[..]])
+                            .await
+                    {
+                        tracing::debug!(error = %e, "writing a reply");
+                        return;
+                    }
+                    let _ = send.finish();
+                    tracing::debug!(%status, total_us = ok.header.timings.total_us, "call done");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "encoding a reply");
+                    let _ = send.reset(StreamCode::Internal.varint());
+                }
+            }
+        }
+        Err(Failure::Status {
+            code,
+            message,
+            unread,
+        }) => {
+            if unread {
+                let _ = recv.stop(StreamCode::RequestRejected.varint());
+            }
+            tracing::debug!(status = %code, %message, "call refused");
+            let timings = Timings {
+                total_us: elapsed(),
+                ..Timings::default()
+            };
+            let header = ResponseHeader::error(code, message, timings);
+            match encode_response(&header) {
+                Ok(bytes) => {
+                    let no_payload: [&[u8]; 0] = [];
+                    if write_frame(&mut send, FrameKind::Response, &bytes, &no_payload)
+                        .await
+                        .is_ok()
+                    {
+                        let _ = send.finish();
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "encoding an error reply");
+                    let _ = send.reset(StreamCode::Internal.varint());
+                }
+            }
+        }
+        Err(Failure::Reset(code)) => {
+            tracing::debug!(?code, "stream reset");
+            let _ = recv.stop(code.varint());
+            let _ = send.reset(code.varint());
+        }
+        Err(Failure::Gone) => {
+            let _ = send.reset(StreamCode::Cancelled.varint());
+        }
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn read_failure(e: ReadFrameError) -> Failure {
+    match e {
+        ReadFrameError::Frame(f) => {
+            let code = match f {
+                FrameError::HeaderTooLarge { .. } | FrameError::PayloadTooLarge { .. } => {
+                    StatusCode::ResourceExhausted
+                }
+                _ => StatusCode::InvalidArgument,
+            };
+            Failure::status(code, f.to_string(), true)
+        }
+        ReadFrameError::Truncated { .. } => Failure::status(
+            StatusCode::InvalidArgument,
+            format!("truncated request: {e}"),
+            false,
+        ),
+        ReadFrameError::TooLarge { .. } => {
+            Failure::status(StatusCode::ResourceExhausted, e.to_string(), true)
+        }
+        _ => Failure::Gone,
+    }
+}
+
+async fn run(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    shared: &Shared,
+    received: Instant,
+) -> Result<Success, Failure> {
+    let read_deadline = tokio::time::Instant::from_std(received + shared.request_timeout);
+    let (prefix, header_bytes) = tokio::time::timeout_at(
+        read_deadline,
+        read_frame(recv, FrameKind::Request, &shared.limits),
+    )
+    .await
+    .map_err(|_| Failure::Reset(StreamCode::RequestTimeout))?
+    .map_err(read_failure)?;
+    let header = access_request(&header_bytes)
+        .map_err(|e| Failure::status(StatusCode::InvalidArgument, e.to_string(), true))?;
+    let kernel_name = header.kernel.as_str();
+    let (index, kernel) = shared.registry.get(kernel_name).ok_or_else(|| {
+        let names: Vec<&str> = shared
+            .registry
+            .kernels()
+            .iter()
+            .map(|k| k.name.as_str())
+            .collect();
+        Failure::status(
+            StatusCode::NotFound,
+            format!(
+                "no kernel named `{}`; this server has: {}",
+                kernel_name.chars().take(64).collect::<String>(),
+                names.join(", ")
+            ),
+            true,
+        )
+    })?;
+    let plan = plan(
+        index,
+        kernel,
+        header,
+        prefix.payload_len,
+        &shared.limits,
+        &shared.caps,
+    )
+    .map_err(|e| Failure::status(e.code, e.message, true))?;
+
+    // Reserve the request and response bytes before allocating either.
+    let bytes = prefix.payload_len + plan.response_layout.total() as u64;
+    let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+    let exhausted = || {
+        Failure::status(
+            StatusCode::ResourceExhausted,
+            format!(
+                "the server's in-flight byte budget ({} KiB) cannot take this call's {kib} KiB now; retry later",
+                shared.budget_kib
+            ),
+            true,
+        )
+    };
+    if kib > shared.budget_kib {
+        return Err(exhausted());
+    }
+    let permit = shared
+        .budget
+        .clone()
+        .try_acquire_many_owned(kib)
+        .map_err(|_| exhausted())?;
+
+    let payload = tokio::time::timeout_at(
+        read_deadline,
+        read_aligned(recv, prefix.payload_len, "payload"),
+    )
+    .await
+    .map_err(|_| Failure::Reset(StreamCode::RequestTimeout))?
+    .map_err(read_failure)?;
+
+    let timeout = header.timeout_us.as_ref().map(|us| us.to_native());
+    let deadline = timeout.map(|us| received + Duration::from_micros(us));
+    if deadline.is_some_and(|d| Instant::now() >= d) {
+        return Err(Failure::status(
+            StatusCode::DeadlineExceeded,
+            "the deadline passed before the request was read",
+            false,
+        ));
+    }
+    let outputs: Vec<BufferDesc> = plan
+        .returned
+        .iter()
+        .map(|&i| BufferDesc {
+            name: kernel.buffers[i].name.clone(),
+            elem: kernel.buffers[i].elem,
+            len: plan.lens[i],
+        })
+        .collect();
+
+    let (reply_tx, reply_rx) = oneshot::channel();
+    shared
+        .queue
+        .try_submit(Job {
+            plan,
+            payload,
+            enqueued: Instant::now(),
+            deadline,
+            reply: reply_tx,
+        })
+        .map_err(|e| match e {
+            SubmitError::Full(_) => {
+                Failure::status(StatusCode::ResourceExhausted, e.to_string(), false)
+            }
+            SubmitError::Closed => Failure::status(StatusCode::Unavailable, e.to_string(), false),
+        })?;
+
+    let expired = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+            None => std::future::pending().await,
+        }
+    };
+    // Dropping reply_rx (on cancellation or deadline) tells the executor
+    // not to run the job if it has not started.
+    let output = tokio::select! {
+        r = reply_rx => match r {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => return Err(Failure::status(e.status(), e.to_string(), false)),
+            Err(_) => return Err(Failure::status(StatusCode::Internal, "the GPU executor dropped the call", false)),
+        },
+        _ = send.stopped() => return Err(Failure::Gone),
+        () = expired => return Err(Failure::status(
+            StatusCode::DeadlineExceeded,
+            format!("deadline of {} us exceeded", timeout.unwrap_or_default()),
+            false,
+        )),
+    };
+    Ok(Success {
+        header: ResponseHeader {
+            status: StatusCode::Ok.as_u16(),
+            message: String::new(),
+            buffers: outputs,
+            timings: Timings {
+                queued_us: micros(output.queued),
+                gpu_us: micros(output.gpu),
+                total_us: 0,
+            },
+        },
+        payload: output.payload,
+        _permit: permit,
+    })
+}

@@ -1,0 +1,67 @@
+//! `quasar`: the command line of the Quasar compute RPC framework.
+//!
+//! - `quasar demo`: a server and a client on loopback with a fresh PKI; runs
+//!   every shipped kernel on random input, checks it against the CPU
+//!   reference, and prints the adapter and per-kernel latency.
+//! - `quasar certs init|client`: make a CA, server and client certificates.
+//! - `quasar serve`: run a server.
+//! - `quasar call`: one call from a shell.
+//! - `quasar info`: the GPU adapters wgpu sees, with their limits.
+
+mod cli;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "quasar",
+    version,
+    about = "Low-latency compute RPC over QUIC with mutual TLS, run as wgpu compute shaders"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run every shipped kernel through a loopback server with fresh certificates.
+    Demo(cli::demo::DemoArgs),
+    /// Make certificates: a CA, a server certificate, client certificates.
+    #[command(subcommand)]
+    Certs(cli::certs::CertsCommand),
+    /// Serve calls over QUIC with mutual TLS.
+    Serve(cli::serve::ServeArgs),
+    /// Make one call and print (or write) its outputs.
+    Call(cli::call::CallArgs),
+    /// List the GPU adapters wgpu sees, with their limits.
+    Info(cli::info::InfoArgs),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Demo(a) => cli::demo::run(a).await,
+            Command::Certs(c) => cli::certs::run(c).await,
+            Command::Serve(a) => cli::serve::run(a).await,
+            Command::Call(a) => cli::call::run(a).await,
+            Command::Info(a) => cli::info::run(a).await,
+        }
+    })
+}

@@ -1,0 +1,196 @@
+//! Mutual TLS 1.3 over QUIC: the rustls and quinn configuration both peers use.
+//!
+//! The server verifies client certificates with rustls's WebPKI verifier over
+//! the configured client CA; the client verifies the server's certificate
+//! against its CA and the server name. Nothing here accepts an unverified
+//! certificate. The `ring` provider is used throughout because it builds with
+//! only a C compiler.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use thiserror::Error;
+
+use crate::ALPN;
+
+/// Why a TLS or QUIC configuration could not be built.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// A PEM file could not be parsed.
+    #[error("invalid PEM in {what}: {source}")]
+    Pem {
+        /// What was being read ("certificate", "private key", "CA").
+        what: &'static str,
+        /// The parser's error.
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    /// A PEM file held no certificate.
+    #[error("no certificate found in {what}")]
+    NoCertificates {
+        /// What was being read.
+        what: &'static str,
+    },
+    /// rustls refused the configuration (a key that does not match, say).
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The client verifier could not be built (an empty CA, say).
+    #[error("client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// quinn refused the rustls configuration.
+    #[error("QUIC crypto configuration: {0}")]
+    Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+}
+
+/// QUIC transport parameters shared by both sides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuicTuning {
+    /// Most bidirectional streams (calls) the peer may have open at once.
+    pub max_concurrent_streams: u32,
+    /// Flow-control window of one stream, in bytes.
+    pub stream_receive_window: u32,
+    /// Flow-control window of the whole connection, in bytes (never unlimited).
+    pub receive_window: u32,
+    /// Most unacknowledged bytes we send on a connection.
+    pub send_window: u64,
+    /// A connection silent this long is closed.
+    pub idle_timeout: Duration,
+    /// Send keep-alives this often (the client does, so idle connections live).
+    pub keep_alive: Option<Duration>,
+}
+
+impl Default for QuicTuning {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 1024,
+            stream_receive_window: 8 * 1024 * 1024,
+            receive_window: 32 * 1024 * 1024,
+            send_window: 32 * 1024 * 1024,
+            idle_timeout: Duration::from_secs(30),
+            keep_alive: None,
+        }
+    }
+}
+
+impl QuicTuning {
+    fn transport_config(&self) -> quinn::TransportConfig {
+        let mut t = quinn::TransportConfig::default();
+        t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(self.max_concurrent_streams));
+        t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+        t.stream_receive_window(quinn::VarInt::from_u32(self.stream_receive_window));
+        t.receive_window(quinn::VarInt::from_u32(self.receive_window));
+        t.send_window(self.send_window);
+        t.max_idle_timeout(quinn::IdleTimeout::try_from(self.idle_timeout).ok());
+        t.keep_alive_interval(self.keep_alive);
+        t
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Parses every certificate in a PEM document.
+///
+/// # Errors
+/// [`TlsError::Pem`] or [`TlsError::NoCertificates`].
+pub fn certs_from_pem(
+    pem: &[u8],
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::Pem { what, source })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificates { what });
+    }
+    Ok(certs)
+}
+
+/// Parses the first private key (PKCS#8, PKCS#1 or SEC1) in a PEM document.
+///
+/// # Errors
+/// [`TlsError::Pem`].
+pub fn key_from_pem(pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|source| TlsError::Pem {
+        what: "private key",
+        source,
+    })
+}
+
+/// Builds a root store from every certificate in a PEM document.
+///
+/// # Errors
+/// As [`certs_from_pem`], or [`TlsError::Rustls`] for an unusable CA.
+pub fn roots_from_pem(pem: &[u8]) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in certs_from_pem(pem, "CA")? {
+        roots.add(cert)?;
+    }
+    Ok(roots)
+}
+
+/// The server's rustls configuration: TLS 1.3 only, ALPN `quasar/1`, client
+/// certificates required and verified against `client_ca`.
+///
+/// # Errors
+/// [`TlsError`] if the key does not match the certificate or the CA is empty.
+pub fn server_crypto(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    client_ca: RootCertStore,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let provider = provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(client_ca), provider.clone())
+            .build()?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(cfg)
+}
+
+/// Wraps a server rustls configuration for quinn with the given tuning.
+///
+/// # Errors
+/// [`TlsError::Quic`] if the configuration has no QUIC-capable cipher suite.
+pub fn server_config(
+    crypto: rustls::ServerConfig,
+    tuning: &QuicTuning,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let quic = QuicServerConfig::try_from(crypto)?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    cfg.transport_config(Arc::new(tuning.transport_config()));
+    Ok(cfg)
+}
+
+/// The client's quinn configuration: TLS 1.3 only, ALPN `quasar/1`, the server
+/// verified against `ca`, and the client's own certificate presented.
+///
+/// # Errors
+/// [`TlsError`] if the key does not match the certificate.
+pub fn client_config(
+    ca: RootCertStore,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    tuning: &QuicTuning,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let mut crypto = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(ca)
+        .with_client_auth_cert(chain, key)?;
+    crypto.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = QuicClientConfig::try_from(crypto)?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(Arc::new(tuning.transport_config()));
+    Ok(cfg)
+}
