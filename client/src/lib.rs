@@ -57,7 +57,7 @@ use quasar_transport::frame::FrameKind;
 use quasar_transport::io::{read_aligned, read_frame, write_frame};
 use quasar_transport::tls::{self, QuicTuning};
 use quasar_transport::wire::{PayloadLayout, access_response, encode_request};
-use quasar_transport::{CloseCode, Limits, StreamCode};
+use quasar_transport::{CloseCode, Limits, ReadFrameError, StreamCode};
 
 pub use call::{Call, Element, OutputRef, Response};
 pub use error::{CallError, ConnectError, OutputError, ProtocolError};
@@ -262,13 +262,14 @@ impl Client {
             // The server refused the call before reading all of it; its
             // reply says why.
             Err(quinn::WriteError::Stopped(_)) => {}
+            Err(quinn::WriteError::ConnectionLost(e)) => return Err(CallError::Connection(e)),
             Err(e) => return Err(CallError::Send(e)),
         }
         let sent = started.elapsed();
 
         let (prefix, header) = read_frame(&mut stream.recv, FrameKind::Response, limits)
             .await
-            .map_err(CallError::Receive)?;
+            .map_err(receive_error)?;
         let first_byte = started.elapsed();
         let archived = access_response(&header).map_err(ProtocolError::Wire)?;
         let status = archived.status.to_native();
@@ -285,7 +286,7 @@ impl Client {
         let outputs = call::outputs_of(archived, prefix.payload_len)?;
         let payload = read_aligned(&mut stream.recv, prefix.payload_len, "payload")
             .await
-            .map_err(CallError::Receive)?;
+            .map_err(receive_error)?;
         stream.done = true;
         Ok(Response::new(
             outputs,
@@ -307,6 +308,15 @@ impl Client {
             .conn
             .close(CloseCode::ClientDone.varint(), b"client closed");
         self.inner.endpoint.wait_idle().await;
+    }
+}
+
+/// A lost connection is reported as such, with its reason (a refused
+/// handshake's TLS alert, say), whatever the call was doing.
+fn receive_error(e: ReadFrameError) -> CallError {
+    match e {
+        ReadFrameError::ConnectionLost { source, .. } => CallError::Connection(source),
+        other => CallError::Receive(other),
     }
 }
 

@@ -332,8 +332,12 @@ impl Sample {
                     }
                     for (i, ((g, w), t)) in got.iter().zip(values).zip(tol).enumerate() {
                         let err = (f64::from(*g) - w).abs();
-                        // Written so that a NaN result fails too.
-                        if !(err <= *t) {
+                        // A NaN result has no ordering and fails too.
+                        let within = matches!(
+                            err.partial_cmp(t),
+                            Some(std::cmp::Ordering::Less | std::cmp::Ordering::Equal)
+                        );
+                        if !within {
                             return Err(fail(format!(
                                 "element {i}: got {g}, reference {w}, error {err:e} > tolerance {t:e}"
                             )));

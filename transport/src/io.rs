@@ -28,7 +28,17 @@ pub enum ReadFrameError {
         /// Bytes expected.
         expected: usize,
     },
-    /// The stream failed (reset by the peer, connection lost).
+    /// The connection was lost (closed by the peer, a refused handshake,
+    /// an idle timeout), with the connection's own reason.
+    #[error("connection lost while reading the {part}: {source}")]
+    ConnectionLost {
+        /// Which part of the frame was being read.
+        part: &'static str,
+        /// Why the connection closed.
+        #[source]
+        source: quinn::ConnectionError,
+    },
+    /// The stream failed (reset or stopped by the peer).
     #[error("reading the {part}: {source}")]
     Read {
         /// Which part of the frame was being read.
@@ -102,6 +112,9 @@ async fn read_exact(
             read,
             expected: buf.len(),
         },
+        ReadExactError::ReadError(quinn::ReadError::ConnectionLost(source)) => {
+            ReadFrameError::ConnectionLost { part, source }
+        }
         ReadExactError::ReadError(source) => ReadFrameError::Read { part, source },
     })
 }

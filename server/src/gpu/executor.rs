@@ -315,7 +315,7 @@ impl Worker {
         }
         let caps = DeviceCaps {
             max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
-            max_storage_binding: u64::from(limits.max_storage_buffer_binding_size),
+            max_storage_binding: limits.max_storage_buffer_binding_size,
             max_buffer_size: limits.max_buffer_size,
         };
         let registry = Registry {

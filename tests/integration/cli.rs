@@ -1,0 +1,190 @@
+//! The `quasar` binary end to end: certificates on disk, a server process,
+//! a call from the shell, and a clean stop on Ctrl-C (SIGINT).
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_quasar");
+
+fn quasar(args: &[&str]) -> std::process::Output {
+    Command::new(BIN).args(args).output().expect("run quasar")
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn f32_file(path: &Path, values: &[f32]) {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(path, bytes).expect("write");
+}
+
+#[test]
+fn certs_serve_call_and_stop_from_the_command_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = dir.path().join("pki");
+    let pki_s = pki.to_str().expect("utf-8 path");
+
+    let out = quasar(&[
+        "certs",
+        "init",
+        "--out",
+        pki_s,
+        "--server-name",
+        "localhost",
+        "--server-ip",
+        "127.0.0.1",
+        "--client",
+        "alice",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for key in ["ca.key", "server.key", "alice.key"] {
+            let mode = std::fs::metadata(pki.join(key))
+                .expect("key")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{key}");
+        }
+    }
+    let again = quasar(&["certs", "init", "--out", pki_s, "--client", "alice"]);
+    assert!(!again.status.success());
+    assert!(text(&again).contains("--force"), "{}", text(&again));
+    let bob = quasar(&["certs", "client", "--pki", pki_s, "--name", "bob"]);
+    assert!(bob.status.success(), "{}", text(&bob));
+
+    let mut server = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--cert",
+            pki.join("server.pem").to_str().expect("path"),
+            "--key",
+            pki.join("server.key").to_str().expect("path"),
+            "--client-ca",
+            pki.join("ca.pem").to_str().expect("path"),
+        ])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn server");
+    // The server logs its address once it is listening: no sleeping.
+    let stderr = server.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let mut addr = None;
+    let mut log = String::new();
+    let started = Instant::now();
+    while addr.is_none() && started.elapsed() < Duration::from_secs(60) {
+        let Some(Ok(line)) = lines.next() else { break };
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("listening") {
+            addr = line
+                .split("addr=")
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+                .map(str::to_owned);
+        }
+    }
+    let Some(addr) = addr else {
+        let _ = server.kill();
+        panic!("the server never said where it listens:\n{log}");
+    };
+    assert!(log.contains("kernel loaded"), "{log}");
+    // Keep draining the log so the server never blocks on a full pipe.
+    let drain = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+
+    let y = dir.path().join("y.f32");
+    let out_file = dir.path().join("out.f32");
+    f32_file(&y, &[10.0, 20.0, 30.0]);
+    let call = quasar(&[
+        "call",
+        "--server",
+        &addr,
+        "--ca",
+        pki.join("ca.pem").to_str().expect("path"),
+        "--cert",
+        pki.join("bob.pem").to_str().expect("path"),
+        "--key",
+        pki.join("bob.key").to_str().expect("path"),
+        "--kernel",
+        "saxpy",
+        "--arg",
+        "a=2.0",
+        "--input",
+        "x=1.5,2,3",
+        "--input",
+        &format!("y=@{}", y.display()),
+        "--out",
+        &format!("y=@{}", out_file.display()),
+    ]);
+    assert!(call.status.success(), "{}", text(&call));
+    assert!(text(&call).contains("timings:"), "{}", text(&call));
+    let bytes = std::fs::read(&out_file).expect("output file");
+    let got: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    assert_eq!(got, vec![13.0, 24.0, 36.0]);
+
+    let bad = quasar(&[
+        "call",
+        "--server",
+        &addr,
+        "--ca",
+        pki.join("ca.pem").to_str().expect("path"),
+        "--cert",
+        pki.join("bob.pem").to_str().expect("path"),
+        "--key",
+        pki.join("bob.key").to_str().expect("path"),
+        "--kernel",
+        "saxpy",
+        "--arg",
+        "a=2",
+        "--input",
+        "x=1,2,3",
+        "--input",
+        "y=1,2,3",
+    ]);
+    assert!(!bad.status.success());
+    assert!(text(&bad).contains("INVALID_ARGUMENT"), "{}", text(&bad));
+
+    let status = Command::new("kill")
+        .args(["-INT", &server.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = server.wait().expect("wait");
+    let rest = drain.join().expect("drain").join("\n");
+    assert!(exit.success(), "server exit {exit:?}\n{rest}");
+    assert!(rest.contains("server stopped"), "{rest}");
+}
+
+#[test]
+fn info_lists_an_adapter() {
+    let out = quasar(&["info"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("backend:"), "{}", text(&out));
+}
+
+#[test]
+fn demo_checks_every_kernel() {
+    let out = quasar(&["demo", "--calls", "3", "--warmup", "1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    for k in quasar_shaders::SHIPPED {
+        assert!(t.contains(k.name), "{} missing from:\n{t}", k.name);
+    }
+    assert!(t.contains("Every result matched"), "{t}");
+}

@@ -1,0 +1,47 @@
+//! Many calls at once over one connection: each gets its own result.
+
+use quasar_client::Call;
+use quasar_shaders::reference;
+use rand::{RngExt, SeedableRng, rngs::StdRng};
+use tokio::task::JoinSet;
+
+use crate::support::{assert_serving, client, server};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_fifty_six_concurrent_calls_on_one_connection() {
+    let server = server().await;
+    let client = client(&server).await;
+    let mut tasks = JoinSet::new();
+    for task in 0..256u64 {
+        let client = client.clone();
+        tasks.spawn(async move {
+            // Every task's input is different, so a result delivered to the
+            // wrong caller cannot pass its check.
+            let mut rng = StdRng::seed_from_u64(task);
+            let n = rng.random_range(1..3000);
+            let a = task as f32 + 0.5;
+            let x: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            let y: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            let r = client
+                .execute(Call::new("saxpy").arg("a", a).input("x", &x).input("y", &y))
+                .await
+                .unwrap_or_else(|e| panic!("task {task}: {e}"));
+            let got = r.output::<f32>("y").expect("y");
+            let want = reference::saxpy(a, &x, &y);
+            assert_eq!(got.len(), want.len(), "task {task}");
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let tol = 1e-6 * (a.abs() * x[i].abs() + y[i].abs()) + 1e-6;
+                assert!((g - w).abs() <= tol, "task {task} element {i}: {g} vs {w}");
+            }
+            task
+        });
+    }
+    let mut done = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        done.push(r.expect("task panicked"));
+    }
+    done.sort_unstable();
+    assert_eq!(done, (0..256).collect::<Vec<_>>());
+    assert_serving(&server).await;
+    server.stop().await;
+}
