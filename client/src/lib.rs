@@ -55,6 +55,7 @@ use std::time::{Duration, Instant};
 
 use quasar_transport::frame::FrameKind;
 use quasar_transport::io::{read_aligned, read_frame, write_frame};
+use quasar_transport::socket;
 use quasar_transport::tls::{self, QuicTuning};
 use quasar_transport::wire::{PayloadLayout, access_response, encode_request};
 use quasar_transport::{CloseCode, Limits, ReadFrameError, StreamCode};
@@ -176,7 +177,14 @@ impl Client {
         } else {
             (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         };
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(ConnectError::Bind)?;
+        let (socket, _) =
+            socket::bind_udp(bind, socket::DEFAULT_BUFFER).map_err(ConnectError::Bind)?;
+        let runtime = quinn::default_runtime().ok_or_else(|| {
+            ConnectError::Bind(std::io::Error::other("not inside a tokio runtime"))
+        })?;
+        let mut endpoint =
+            quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+                .map_err(ConnectError::Bind)?;
         endpoint.set_default_client_config(quic);
         let connecting = endpoint.connect(config.server, &config.server_name)?;
         let conn = tokio::time::timeout(config.connect_timeout, connecting)

@@ -24,6 +24,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use quasar_transport::socket::{self, SocketBuffers};
 use quasar_transport::tls::{self, QuicTuning, TlsError};
 use quasar_transport::{CloseCode, Limits};
 use thiserror::Error;
@@ -134,6 +135,7 @@ pub struct Server {
     shared: Arc<Shared>,
     executor: GpuExecutor,
     shutdown_grace: Duration,
+    socket_buffers: SocketBuffers,
 }
 
 impl Server {
@@ -151,12 +153,21 @@ impl Server {
         let server_config = tls::server_config(crypto, &config.quic)?;
 
         let executor = GpuExecutor::start(config.gpu.clone()).await?;
-        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
-            ServerError::Bind {
-                addr: config.listen,
-                source,
-            }
-        })?;
+        let bind_error = |source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        };
+        let (socket, socket_buffers) =
+            socket::bind_udp(config.listen, socket::DEFAULT_BUFFER).map_err(bind_error)?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| bind_error(std::io::Error::other("not inside a tokio runtime")))?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            runtime,
+        )
+        .map_err(bind_error)?;
         let budget_kib =
             u32::try_from((config.max_inflight_bytes / 1024).max(1)).unwrap_or(u32::MAX >> 3);
         let budget_kib = budget_kib.min(Semaphore::MAX_PERMITS as u32);
@@ -174,6 +185,7 @@ impl Server {
             shared,
             executor,
             shutdown_grace: config.shutdown_grace,
+            socket_buffers,
         })
     }
 
@@ -183,6 +195,12 @@ impl Server {
     /// The socket's error, if it has none.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
+    }
+
+    /// The UDP buffer sizes the kernel granted (it caps them at
+    /// `net.core.rmem_max` / `wmem_max`).
+    pub fn socket_buffers(&self) -> SocketBuffers {
+        self.socket_buffers
     }
 
     /// The adapter calls run on.

@@ -8,7 +8,7 @@
 //!
 //! # Layout
 //! - [`SHIPPED`]: the embedded sources, compiled into the server.
-//! - [`reference`]: plain CPU implementations, the ground truth of tests.
+//! - [`reference`](mod@reference): plain CPU implementations, the ground truth of tests.
 //! - [`sample`]: random inputs for a kernel at a given size, and a checker
 //!   that compares a call's outputs with the reference (exact for integer
 //!   kernels, a stated tolerance for floats).

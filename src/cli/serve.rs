@@ -75,6 +75,14 @@ pub async fn run(a: ServeArgs) -> Result<()> {
     for k in server.kernels() {
         tracing::info!(kernel = %k.name, interface = %k.signature(), "kernel loaded");
     }
+    let buffers = server.socket_buffers();
+    if buffers.recv < quasar_transport::socket::DEFAULT_BUFFER {
+        tracing::warn!(
+            granted = buffers.recv,
+            wanted = quasar_transport::socket::DEFAULT_BUFFER,
+            "small UDP receive buffer: large calls will see packet loss; raise net.core.rmem_max and net.core.wmem_max (see README)"
+        );
+    }
     tracing::info!(addr = %server.local_addr()?, "listening (QUIC, mutual TLS, ALPN quasar/1)");
     server.serve_until(shutdown_signal()).await;
     Ok(())

@@ -16,6 +16,7 @@
 //! - [`tls`]: rustls and quinn configuration for mutual TLS 1.3 with ALPN
 //!   `quasar/1`, and PEM loading.
 //! - [`io`]: reading and writing whole frames on quinn streams.
+//! - [`socket`]: UDP sockets with buffers sized for bulk payloads.
 //!
 //! This crate holds no GPU code and no handlers: it is shared by the server
 //! and the client, which never depend on each other.
@@ -23,6 +24,7 @@
 pub mod frame;
 pub mod io;
 pub mod limits;
+pub mod socket;
 pub mod status;
 pub mod tls;
 pub mod wire;
