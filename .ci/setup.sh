@@ -10,9 +10,10 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 missing=()
 command -v cc >/dev/null 2>&1 || missing+=(build-essential)
-ldconfig -p 2>/dev/null | grep -q 'libvulkan\.so\.1' || missing+=(libvulkan1)
+ldconfig -p 2>/dev/null | grep 'libvulkan\.so\.1' >/dev/null || missing+=(libvulkan1)
 # A GPU driver (NVIDIA, AMD, Intel) registers an ICD; without any, use lavapipe.
-if ! ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json >/dev/null 2>&1; then
+if ! compgen -G '/usr/share/vulkan/icd.d/*.json' >/dev/null \
+  && ! compgen -G '/etc/vulkan/icd.d/*.json' >/dev/null; then
   missing+=(mesa-vulkan-drivers)
 fi
 if [ ${#missing[@]} -gt 0 ]; then

@@ -11,7 +11,12 @@
 //! read to its end, the server also sends `STOP_SENDING` with
 //! [`StreamCode::RequestRejected`] so the client stops uploading. A request
 //! that does not arrive within the read timeout is reset with
-//! [`StreamCode::RequestTimeout`] on both halves.
+//! [`StreamCode::RequestTimeout`] on both halves, and a reply the client does
+//! not read within the same time with [`StreamCode::ResponseTimeout`].
+//!
+//! The call's reservation of the in-flight byte budget travels with its
+//! bytes: into the GPU job, then into the job's output, so it is released
+//! only when neither the request nor the response is held any more.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,15 +25,14 @@ use quasar_transport::frame::FrameKind;
 use quasar_transport::io::{read_aligned, read_frame, write_frame};
 use quasar_transport::wire::{access_request, encode_response};
 use quasar_transport::{
-    BufferDesc, FrameError, Payload, ReadFrameError, ResponseHeader, StatusCode, StreamCode,
-    Timings,
+    BufferDesc, FrameError, ReadFrameError, ResponseHeader, StatusCode, StreamCode, Timings,
 };
-use tokio::sync::{OwnedSemaphorePermit, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::Shared;
-use crate::gpu::executor::{Job, SubmitError};
+use crate::gpu::executor::{Job, JobOutput, SubmitError};
 use crate::kernel::plan::plan;
 
 /// Serves one connection: completes the handshake, then spawns a task per
@@ -91,73 +95,76 @@ impl Failure {
 
 struct Success {
     header: ResponseHeader,
-    payload: Payload,
-    _permit: OwnedSemaphorePermit,
+    output: JobOutput,
 }
 
 async fn call(mut send: quinn::SendStream, mut recv: quinn::RecvStream, shared: &Shared) {
-    let received = Instant::now();
-    let outcome = run(&mut send, &mut recv, shared, received).await;
-    let elapsed = || micros(received.elapsed());
-    match outcome {
-        Ok(mut ok) => {
-            ok.header.timings.total_us = elapsed();
-            let status = StatusCode::Ok;
-            match encode_response(&ok.header) {
-                Ok(bytes) => {
-                    if let Err(e) =
-                        write_frame(&mut send, FrameKind::Response, &bytes, &[&ok.payload[..]])
-                            .await
-                    {
-                        tracing::debug!(error = %e, "writing a reply");
-                        return;
-                    }
-                    let _ = send.finish();
-                    tracing::debug!(%status, total_us = ok.header.timings.total_us, "call done");
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "encoding a reply");
-                    let _ = send.reset(StreamCode::Internal.varint());
-                }
-            }
+    let opened = Instant::now();
+    // Server timings and the call's deadline count from the header being
+    // read, so a slow upload does not eat into the caller's budget.
+    let mut header_read = None;
+    let outcome = run(&mut send, &mut recv, shared, opened, &mut header_read).await;
+    let total_us = || micros(header_read.unwrap_or(opened).elapsed());
+    let (header, payload): (ResponseHeader, &[u8]) = match &outcome {
+        Ok(ok) => {
+            let mut header = ok.header.clone();
+            header.timings.total_us = total_us();
+            (header, &ok.output.payload[..])
         }
         Err(Failure::Status {
             code,
             message,
             unread,
         }) => {
-            if unread {
+            if *unread {
                 let _ = recv.stop(StreamCode::RequestRejected.varint());
             }
             tracing::debug!(status = %code, %message, "call refused");
             let timings = Timings {
-                total_us: elapsed(),
+                total_us: total_us(),
                 ..Timings::default()
             };
-            let header = ResponseHeader::error(code, message, timings);
-            match encode_response(&header) {
-                Ok(bytes) => {
-                    let no_payload: [&[u8]; 0] = [];
-                    if write_frame(&mut send, FrameKind::Response, &bytes, &no_payload)
-                        .await
-                        .is_ok()
-                    {
-                        let _ = send.finish();
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "encoding an error reply");
-                    let _ = send.reset(StreamCode::Internal.varint());
-                }
-            }
+            (
+                ResponseHeader::error(*code, message.clone(), timings),
+                &[][..],
+            )
         }
         Err(Failure::Reset(code)) => {
             tracing::debug!(?code, "stream reset");
             let _ = recv.stop(code.varint());
             let _ = send.reset(code.varint());
+            return;
         }
         Err(Failure::Gone) => {
             let _ = send.reset(StreamCode::Cancelled.varint());
+            return;
+        }
+    };
+    let bytes = match encode_response(&header) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "encoding a reply");
+            let _ = send.reset(StreamCode::Internal.varint());
+            return;
+        }
+    };
+    // A client that stops reading would otherwise hold this call's memory
+    // (and its share of the in-flight budget) for as long as it likes.
+    let parts = [payload];
+    let write = write_frame(&mut send, FrameKind::Response, &bytes, &parts);
+    match tokio::time::timeout(shared.request_timeout, write).await {
+        Ok(Ok(())) => {
+            let _ = send.finish();
+            tracing::debug!(
+                status = header.status,
+                total_us = header.timings.total_us,
+                "call done"
+            );
+        }
+        Ok(Err(e)) => tracing::debug!(error = %e, "writing a reply"),
+        Err(_) => {
+            tracing::debug!("the client did not read its reply in time");
+            let _ = send.reset(StreamCode::ResponseTimeout.varint());
         }
     }
 }
@@ -193,9 +200,10 @@ async fn run(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     shared: &Shared,
-    received: Instant,
+    opened: Instant,
+    header_read: &mut Option<Instant>,
 ) -> Result<Success, Failure> {
-    let read_deadline = tokio::time::Instant::from_std(received + shared.request_timeout);
+    let read_deadline = tokio::time::Instant::from_std(opened + shared.request_timeout);
     let (prefix, header_bytes) = tokio::time::timeout_at(
         read_deadline,
         read_frame(recv, FrameKind::Request, &shared.limits),
@@ -203,6 +211,8 @@ async fn run(
     .await
     .map_err(|_| Failure::Reset(StreamCode::RequestTimeout))?
     .map_err(read_failure)?;
+    let started = Instant::now();
+    *header_read = Some(started);
     let header = access_request(&header_bytes)
         .map_err(|e| Failure::status(StatusCode::InvalidArgument, e.to_string(), true))?;
     let kernel_name = header.kernel.as_str();
@@ -264,7 +274,8 @@ async fn run(
     .map_err(read_failure)?;
 
     let timeout = header.timeout_us.as_ref().map(|us| us.to_native());
-    let deadline = timeout.map(|us| received + Duration::from_micros(us));
+    // A budget too large to represent is no deadline at all.
+    let deadline = timeout.and_then(|us| started.checked_add(Duration::from_micros(us)));
     if deadline.is_some_and(|d| Instant::now() >= d) {
         return Err(Failure::status(
             StatusCode::DeadlineExceeded,
@@ -291,6 +302,7 @@ async fn run(
             enqueued: Instant::now(),
             deadline,
             reply: reply_tx,
+            permit: Some(permit),
         })
         .map_err(|e| match e {
             SubmitError::Full(_) => {
@@ -331,7 +343,6 @@ async fn run(
                 total_us: 0,
             },
         },
-        payload: output.payload,
-        _permit: permit,
+        output,
     })
 }

@@ -7,6 +7,7 @@
 // quasar: require num_bins >= 1 && num_bins <= 4096 else "num_bins must be between 1 and 4096"
 // quasar: require bin_width >= 1 else "bin_width must be at least 1"
 // quasar: output bins = num_bins
+// quasar: flexible_workgroups
 // quasar: stage main = min(ceil_div(len_values, wg_x), 1024)
 
 struct Params {

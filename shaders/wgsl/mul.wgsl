@@ -2,6 +2,7 @@
 //
 // quasar: require len_a == len_b else "a and b must have the same length"
 // quasar: output out = len_a
+// quasar: flexible_workgroups
 // quasar: stage main = min(ceil_div(len_a, wg_x), max_wg)
 
 @group(0) @binding(0) var<storage, read> a: array<f32>;

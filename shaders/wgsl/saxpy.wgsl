@@ -1,6 +1,7 @@
 // saxpy: y = a * x + y, in place on y (single-precision "a times x plus y").
 //
 // quasar: require len_x == len_y else "x and y must have the same length"
+// quasar: flexible_workgroups
 // quasar: stage main = min(ceil_div(len_y, wg_x), max_wg)
 
 struct Params {

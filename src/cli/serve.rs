@@ -64,8 +64,8 @@ pub async fn run(a: ServeArgs) -> Result<()> {
     config.gpu.kernel_dir = a.kernels;
     config.gpu.adapter = a.adapter;
     config.gpu.queue_depth = a.queue_depth;
-    config.max_inflight_bytes = a.max_inflight_mib * 1024 * 1024;
-    config.limits.max_payload_len = a.max_payload_mib * 1024 * 1024;
+    config.max_inflight_bytes = a.max_inflight_mib.saturating_mul(1024 * 1024);
+    config.limits.max_payload_len = a.max_payload_mib.saturating_mul(1024 * 1024);
     config.quic.max_concurrent_streams = a.max_streams;
     config.request_timeout = Duration::from_secs(a.request_timeout_s);
     config.shutdown_grace = Duration::from_secs(a.grace_s);

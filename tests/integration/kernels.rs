@@ -63,6 +63,8 @@ async fn matmul_matches_reference() {
         (16, 16, 16),
         (64, 64, 64),
         (100, 37, 129),
+        (256, 256, 256),
+        (513, 300, 77),
     ] {
         check(
             &client,
@@ -135,6 +137,7 @@ async fn kernels_from_a_directory_are_reflected_and_run() {
     std::fs::write(
         dir.path().join("scale_i32.wgsl"),
         r#"// quasar: output out = len_values
+// quasar: flexible_workgroups
 // quasar: stage main = min(ceil_div(len_values, wg_x), max_wg)
 struct Params { factor: i32, offset: i32 }
 @group(0) @binding(0) var<uniform> params: Params;

@@ -90,6 +90,8 @@ pub enum StreamCode {
     RequestTimeout = 0x3,
     /// The server could not write a reply at all.
     Internal = 0x4,
+    /// The client did not read the reply within the server's timeout.
+    ResponseTimeout = 0x5,
 }
 
 impl StreamCode {

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt;
 use quasar_transport::{Payload, StatusCode};
 use thiserror::Error;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 use super::pool::{BufferPool, PoolKind};
 use super::{AdapterSummary, GpuError, choose_adapter};
@@ -91,6 +91,9 @@ pub struct Job {
     pub deadline: Option<Instant>,
     /// Where the outcome goes.
     pub reply: oneshot::Sender<Result<JobOutput, ExecError>>,
+    /// The call's share of the server's in-flight byte budget, released
+    /// with the last of its bytes (moved into the output on success).
+    pub permit: Option<OwnedSemaphorePermit>,
 }
 
 /// A finished call.
@@ -102,6 +105,9 @@ pub struct JobOutput {
     pub queued: Duration,
     /// Time from submission to completion.
     pub gpu: Duration,
+    /// The call's share of the in-flight byte budget, held until the
+    /// response has been written.
+    pub permit: Option<OwnedSemaphorePermit>,
 }
 
 /// Why a job failed on the GPU side.
@@ -346,13 +352,34 @@ impl Worker {
                 continue;
             }
             let queued = started.saturating_duration_since(job.enqueued);
-            let result = self
-                .execute(&job.plan, &job.payload)
-                .map(|(payload, gpu)| JobOutput {
-                    payload,
-                    queued,
-                    gpu,
-                });
+            let Job {
+                plan,
+                payload,
+                reply,
+                permit,
+                ..
+            } = job;
+            // A panic inside wgpu fails this call, not the server: the
+            // buffers it held are dropped rather than returned to the pool.
+            let executed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.execute(&plan, &payload)
+            }))
+            .unwrap_or_else(|_| {
+                tracing::error!(
+                    kernel = plan.kernel,
+                    "the GPU executor panicked running a call"
+                );
+                Err(ExecError::Gpu(
+                    "the GPU executor panicked running this call".into(),
+                ))
+            });
+            drop(payload);
+            let result = executed.map(|(payload, gpu)| JobOutput {
+                payload,
+                queued,
+                gpu,
+                permit,
+            });
             self.stats.calls.fetch_add(1, Ordering::Relaxed);
             let pool = self.pool.stats();
             self.stats
@@ -361,7 +388,7 @@ impl Worker {
             self.stats
                 .buffers_reused
                 .store(pool.reused, Ordering::Relaxed);
-            let _ = job.reply.send(result);
+            let _ = reply.send(result);
         }
         tracing::debug!("GPU executor stopped");
     }
@@ -467,11 +494,19 @@ impl Worker {
         let scope_error = scope.pop().now_or_never().flatten();
 
         let result = finish_call(scope_error, polled, readback.as_ref(), &map_rx, plan, total);
-        if let Some(rb) = readback {
-            self.pool.release(PoolKind::Readback, rb);
-        }
-        for b in buffers {
-            self.pool.release(PoolKind::Storage, b);
+        // After a failure a buffer may still be in use or mapped (a poll
+        // that timed out leaves its map pending): never reuse those.
+        let reuse = result.is_ok();
+        for (kind, b) in readback
+            .map(|rb| (PoolKind::Readback, rb))
+            .into_iter()
+            .chain(buffers.into_iter().map(|b| (PoolKind::Storage, b)))
+        {
+            if reuse {
+                self.pool.release(kind, b);
+            } else {
+                b.destroy();
+            }
         }
         result.map(|p| (p, gpu))
     }

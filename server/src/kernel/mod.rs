@@ -135,6 +135,9 @@ pub struct KernelInterface {
     /// Order in which output and scratch lengths are computed (indices into
     /// `buffers`), so that a later rule may use an earlier length.
     pub derived_order: Vec<usize>,
+    /// Declared `// quasar: flexible_workgroups`: the single stage is correct
+    /// for any 1-D workgroup count (a grid-stride loop), so callers may set it.
+    pub flexible_workgroups: bool,
 }
 
 /// Why a kernel could not be loaded.
@@ -351,6 +354,7 @@ fn reflect(
         stages: Vec::new(),
         requires: Vec::new(),
         derived_order: Vec::new(),
+        flexible_workgroups: false,
     };
     apply_directives(&mut interface, module, source)?;
     check_names(&interface)?;
@@ -440,6 +444,12 @@ fn apply_directives(
                     workgroups: rule(expr)?,
                 });
             }
+            "flexible_workgroups" => {
+                if !body.trim().is_empty() {
+                    return Err(err("`flexible_workgroups` takes nothing after it".into()));
+                }
+                k.flexible_workgroups = true;
+            }
             "require" => {
                 let (expr, message) = body.split_once(" else ").ok_or_else(|| {
                     err("expected `require <condition> else \"<message>\"`".into())
@@ -457,6 +467,12 @@ fn apply_directives(
         return Err(KernelError::Unsupported {
             kernel: k.name.clone(),
             detail: "no `// quasar: stage <entry_point> = <workgroups>` directive".into(),
+        });
+    }
+    if k.flexible_workgroups && k.stages.len() != 1 {
+        return Err(KernelError::Unsupported {
+            kernel: k.name.clone(),
+            detail: "`flexible_workgroups` needs exactly one stage".into(),
         });
     }
     Ok(())

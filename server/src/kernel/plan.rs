@@ -61,6 +61,17 @@ pub struct PlanError {
     pub message: String,
 }
 
+/// A client-chosen name as it appears in a message: at most 64 characters,
+/// so an error reply never grows past what the client accepts.
+fn shown(name: &str) -> String {
+    const MAX: usize = 64;
+    if name.chars().count() <= MAX {
+        name.to_owned()
+    } else {
+        format!("{}...", name.chars().take(MAX).collect::<String>())
+    }
+}
+
 fn invalid(message: impl Into<String>) -> PlanError {
     PlanError {
         code: StatusCode::InvalidArgument,
@@ -112,11 +123,11 @@ pub fn plan(
     let mut lens = vec![0u64; k.buffers.len()];
     let mut sent = Vec::with_capacity(req.buffers.len());
     for (desc, slot) in req.buffers.iter().zip(layout.slots()) {
-        let bname = desc.name.as_str();
+        let bname = &shown(desc.name.as_str());
         let idx = k
             .buffers
             .iter()
-            .position(|b| b.name == bname)
+            .position(|b| b.name == desc.name.as_str())
             .ok_or_else(|| invalid(format!("kernel `{name}` has no buffer `{bname}`")))?;
         let b = &k.buffers[idx];
         if !b.role.is_sent() {
@@ -192,18 +203,18 @@ pub fn plan(
         }
     }
     for (i, a) in req.args.iter().enumerate() {
-        let aname = a.name.as_str();
+        let aname = &shown(a.name.as_str());
         let known = k
             .params
             .iter()
             .flat_map(|p| &p.members)
-            .any(|m| m.name == aname);
+            .any(|m| m.name == a.name.as_str());
         if !known {
             return Err(invalid(format!(
                 "kernel `{name}` has no argument `{aname}`"
             )));
         }
-        if req.args.iter().take(i).any(|b| b.name.as_str() == aname) {
+        if req.args.iter().take(i).any(|b| b.name == a.name) {
             return Err(invalid(format!("argument `{aname}` is given twice")));
         }
     }
@@ -243,10 +254,16 @@ pub fn plan(
     let max = caps.max_workgroups_per_dim;
     let workgroups = match req.workgroups.as_ref() {
         Some(explicit) => {
-            if k.stages.len() != 1 {
+            // Only kernels that say they are correct for any count accept
+            // one: anything else could return wrong results with OK.
+            if !k.flexible_workgroups {
                 return Err(invalid(format!(
-                    "kernel `{name}` runs {} stages; an explicit workgroup count applies only to single-stage kernels",
-                    k.stages.len()
+                    "kernel `{name}` does not accept an explicit workgroup count (it is not declared `flexible_workgroups`)"
+                )));
+            }
+            if explicit[1].to_native() != 1 || explicit[2].to_native() != 1 {
+                return Err(invalid(format!(
+                    "kernel `{name}` takes a 1-D workgroup count: y and z must be 1"
                 )));
             }
             let dims = [
@@ -536,7 +553,7 @@ mod tests {
             run(&k, &h2)
                 .expect_err("explicit")
                 .message
-                .contains("single-stage")
+                .contains("flexible_workgroups")
         );
 
         let k = kernel("matmul");
@@ -566,6 +583,9 @@ mod tests {
         let p = run(&k, &h).expect("plan");
         assert_eq!(p.workgroups, vec![[1, 1, 1]]);
         assert_eq!(p.response_layout.total(), 15 * 4);
+        let mut explicit = h.clone();
+        explicit.workgroups = Some([1, 1, 1]);
+        assert!(run(&k, &explicit).is_err(), "matmul is not grid-stride");
         let mut bad = h.clone();
         bad.args = dims(4, 5, 7);
         assert!(run(&k, &bad).expect_err("dims").message.contains("m*k"));
