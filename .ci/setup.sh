@@ -16,6 +16,8 @@ if ! compgen -G '/usr/share/vulkan/icd.d/*.json' >/dev/null \
   && ! compgen -G '/etc/vulkan/icd.d/*.json' >/dev/null; then
   missing+=(mesa-vulkan-drivers)
 fi
+# `quasar bench --plot` draws its text with a TrueType font.
+compgen -G '/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf' >/dev/null || missing+=(fonts-dejavu-core)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

@@ -7,6 +7,8 @@
 //! - `quasar serve`: run a server.
 //! - `quasar call`: one call from a shell.
 //! - `quasar info`: the GPU adapters wgpu sees, with their limits.
+//! - `quasar bench`: latency under load, where the time went, and what
+//!   going remote costs against a local dispatch and a raw QUIC echo.
 
 mod cli;
 
@@ -37,9 +39,22 @@ enum Command {
     Call(cli::call::CallArgs),
     /// List the GPU adapters wgpu sees, with their limits.
     Info(cli::info::InfoArgs),
+    /// Measure latency and throughput of a kernel call under load.
+    Bench(Box<cli::bench::BenchArgs>),
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: what failed and why, outermost first.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Serve(_) => "info",
@@ -62,6 +77,7 @@ fn main() -> Result<()> {
             Command::Serve(a) => cli::serve::run(a).await,
             Command::Call(a) => cli::call::run(a).await,
             Command::Info(a) => cli::info::run(a).await,
+            Command::Bench(a) => cli::bench::run(*a).await,
         }
     })
 }

@@ -113,7 +113,14 @@ impl Call {
         &self.kernel
     }
 
-    pub(crate) fn into_request(self) -> Result<(RequestHeader, Vec<Vec<u8>>), CallError> {
+    /// The request header and the input buffers' bytes, in payload order:
+    /// what [`crate::Client::execute`] sends. Useful to run the same call
+    /// elsewhere (in-process, say) or to inspect it.
+    ///
+    /// # Errors
+    /// [`CallError::InvalidCall`] if a buffer is not a whole number of
+    /// elements.
+    pub fn into_request(self) -> Result<(RequestHeader, Vec<Vec<u8>>), CallError> {
         let mut descs = Vec::with_capacity(self.buffers.len());
         let mut bytes = Vec::with_capacity(self.buffers.len());
         for (desc, data) in self.buffers {

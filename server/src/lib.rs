@@ -11,6 +11,8 @@
 //!   function that checks a request against a kernel.
 //! - [`gpu`]: adapter choice, the executor thread that owns the device, and
 //!   the buffer pool.
+//! - [`local`]: the same path in-process, without the network: the baseline
+//!   for "what does going remote cost".
 //!
 //! Spawned tasks are tracked (`TaskTracker`), so shutdown can wait for
 //! in-flight calls; the GPU thread is joined last.
@@ -18,6 +20,7 @@
 pub mod gpu;
 pub mod handler;
 pub mod kernel;
+pub mod local;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -91,7 +91,7 @@ fn parse_scalar(value: &str, elem: ElemType) -> Result<Scalar, String> {
     })
 }
 
-fn parse_arg(s: &str) -> Result<(String, Scalar), String> {
+pub(crate) fn parse_arg(s: &str) -> Result<(String, Scalar), String> {
     let (name, value) = s
         .split_once('=')
         .ok_or_else(|| format!("expected NAME=VALUE, got `{s}`"))?;
@@ -115,7 +115,7 @@ fn parse_workgroups(s: &str) -> Result<[u32; 3], String> {
     Ok(out)
 }
 
-async fn input(call: Call, spec: &str) -> Result<Call> {
+pub(crate) async fn input(call: Call, spec: &str) -> Result<Call> {
     let (name, value) = spec
         .split_once('=')
         .with_context(|| format!("expected NAME=@FILE or NAME=1,2,3, got `{spec}`"))?;

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod bench;
 pub mod call;
 pub mod certs;
 pub mod demo;

@@ -179,8 +179,12 @@ pub struct RequestHeader {
 pub struct Timings {
     /// From the request being queued for the GPU to the executor taking it.
     pub queued_us: u64,
-    /// From submission to the GPU to its completion (executor clock).
+    /// From submission to the GPU to its completion (executor clock): the
+    /// uploads staged by the queue, every dispatch, and the copy of the
+    /// outputs into the mappable readback buffer.
     pub gpu_us: u64,
+    /// Reading the mapped outputs into the response payload.
+    pub readback_us: u64,
     /// From the header being read to the reply being ready to send.
     pub total_us: u64,
 }
@@ -191,6 +195,7 @@ impl ArchivedTimings {
         Timings {
             queued_us: self.queued_us.to_native(),
             gpu_us: self.gpu_us.to_native(),
+            readback_us: self.readback_us.to_native(),
             total_us: self.total_us.to_native(),
         }
     }

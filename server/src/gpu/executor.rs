@@ -105,6 +105,8 @@ pub struct JobOutput {
     pub queued: Duration,
     /// Time from submission to completion.
     pub gpu: Duration,
+    /// Time to copy the mapped outputs into the payload.
+    pub readback: Duration,
     /// The call's share of the in-flight byte budget, held until the
     /// response has been written.
     pub permit: Option<OwnedSemaphorePermit>,
@@ -374,10 +376,11 @@ impl Worker {
                 ))
             });
             drop(payload);
-            let result = executed.map(|(payload, gpu)| JobOutput {
+            let result = executed.map(|(payload, gpu, readback)| JobOutput {
                 payload,
                 queued,
                 gpu,
+                readback,
                 permit,
             });
             self.stats.calls.fetch_add(1, Ordering::Relaxed);
@@ -398,7 +401,7 @@ impl Worker {
         &mut self,
         plan: &CallPlan,
         payload: &Payload,
-    ) -> Result<(Payload, Duration), ExecError> {
+    ) -> Result<(Payload, Duration, Duration), ExecError> {
         let device = &self.device;
         let kernel = &self.kernels[plan.kernel];
         let iface = &self.interfaces[plan.kernel];
@@ -493,7 +496,9 @@ impl Worker {
         let gpu = gpu_start.elapsed();
         let scope_error = scope.pop().now_or_never().flatten();
 
+        let read_start = Instant::now();
         let result = finish_call(scope_error, polled, readback.as_ref(), &map_rx, plan, total);
+        let read = read_start.elapsed();
         // After a failure a buffer may still be in use or mapped (a poll
         // that timed out leaves its map pending): never reuse those.
         let reuse = result.is_ok();
@@ -508,7 +513,7 @@ impl Worker {
                 b.destroy();
             }
         }
-        result.map(|p| (p, gpu))
+        result.map(|p| (p, gpu, read))
     }
 }
 

@@ -1,0 +1,139 @@
+//! In-process dispatch: the same kernels, request checking and GPU executor
+//! as the server, with no network in between. It is the baseline that tells
+//! what going remote costs (`quasar bench --compare-local`).
+
+use std::time::{Duration, Instant};
+
+use quasar_transport::wire::{PayloadLayout, access_request, encode_request};
+use quasar_transport::{Limits, Payload, RequestHeader, StatusCode, Timings};
+use thiserror::Error;
+use tokio::sync::oneshot;
+
+use crate::gpu::executor::{GpuExecutor, Job, SubmitError};
+use crate::gpu::{AdapterSummary, GpuError};
+use crate::kernel::plan::plan;
+use crate::{GpuConfig, Registry};
+
+/// Why a local dispatch failed: the status the server would have sent.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("{code}: {message}")]
+pub struct LocalError {
+    /// The status code.
+    pub code: StatusCode,
+    /// The message.
+    pub message: String,
+}
+
+/// A finished local dispatch.
+#[derive(Debug)]
+pub struct LocalOutput {
+    /// The outputs, laid out as a response payload.
+    pub payload: Payload,
+    /// Where each output sits in `payload`.
+    pub layout: PayloadLayout,
+    /// The executor's timings (total: header check to outputs ready).
+    pub timings: Timings,
+}
+
+/// Runs calls on a local GPU executor.
+#[derive(Debug)]
+pub struct LocalDispatcher {
+    executor: GpuExecutor,
+    limits: Limits,
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+impl LocalDispatcher {
+    /// Starts an executor with `config` (adapter, kernels, queue depth).
+    ///
+    /// # Errors
+    /// [`GpuError`] as for the server.
+    pub async fn start(config: GpuConfig) -> Result<Self, GpuError> {
+        Ok(Self {
+            executor: GpuExecutor::start(config).await?,
+            limits: Limits::default(),
+        })
+    }
+
+    /// The adapter calls run on.
+    pub fn adapter(&self) -> &AdapterSummary {
+        self.executor.adapter()
+    }
+
+    /// The loaded kernels.
+    pub fn registry(&self) -> &Registry {
+        self.executor.registry()
+    }
+
+    /// Runs one call: the header is archived and checked exactly as a
+    /// received one would be, then queued for the GPU.
+    ///
+    /// # Errors
+    /// [`LocalError`] with the status the server would have answered.
+    pub async fn dispatch(
+        &self,
+        header: &RequestHeader,
+        payload: Payload,
+    ) -> Result<LocalOutput, LocalError> {
+        let started = Instant::now();
+        let fail = |code, message: String| LocalError { code, message };
+        let bytes =
+            encode_request(header).map_err(|e| fail(StatusCode::InvalidArgument, e.to_string()))?;
+        let archived =
+            access_request(&bytes).map_err(|e| fail(StatusCode::InvalidArgument, e.to_string()))?;
+        let registry = self.executor.registry();
+        let (index, kernel) = registry.get(&header.kernel).ok_or_else(|| {
+            fail(
+                StatusCode::NotFound,
+                format!("no kernel named `{}`", header.kernel),
+            )
+        })?;
+        let plan = plan(
+            index,
+            kernel,
+            archived,
+            payload.len() as u64,
+            &self.limits,
+            &self.executor.caps(),
+        )
+        .map_err(|e| fail(e.code, e.message))?;
+        let layout = plan.response_layout.clone();
+        let (tx, rx) = oneshot::channel();
+        self.executor
+            .queue()
+            .try_submit(Job {
+                plan,
+                payload,
+                enqueued: Instant::now(),
+                deadline: None,
+                reply: tx,
+                permit: None,
+            })
+            .map_err(|e| match e {
+                SubmitError::Full(_) => fail(StatusCode::ResourceExhausted, e.to_string()),
+                SubmitError::Closed => fail(StatusCode::Unavailable, e.to_string()),
+            })?;
+        let out = rx
+            .await
+            .map_err(|_| fail(StatusCode::Internal, "the executor dropped the call".into()))?
+            .map_err(|e| fail(e.status(), e.to_string()))?;
+        Ok(LocalOutput {
+            payload: out.payload,
+            layout,
+            timings: Timings {
+                queued_us: micros(out.queued),
+                gpu_us: micros(out.gpu),
+                readback_us: micros(out.readback),
+                total_us: micros(started.elapsed()),
+            },
+        })
+    }
+
+    /// Stops the executor thread.
+    pub async fn shutdown(self) {
+        self.executor.shutdown().await;
+    }
+}

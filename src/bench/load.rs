@@ -1,0 +1,349 @@
+//! Load generation: closed loops (N calls in flight) and open loops (a fixed
+//! rate, latency counted from each call's intended start), against a remote
+//! server, the local in-process executor, or a raw QUIC echo.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use quasar_client::{Call, CallError, Client};
+use quasar_server::local::LocalDispatcher;
+use quasar_transport::{Payload, RequestHeader};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::raw::RawClient;
+use super::stats::{CallRecord, Recorder};
+
+/// What a call goes to.
+#[derive(Clone)]
+pub enum Target {
+    /// A Quasar server, over one or more connections.
+    Remote(Arc<Vec<Client>>),
+    /// The GPU executor in this process, without the network.
+    Local(Arc<LocalDispatcher>),
+    /// A raw QUIC echo over mutual TLS: the transport floor.
+    Raw(Arc<Vec<RawClient>>),
+}
+
+impl Target {
+    /// A short name for reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Remote(_) => "remote",
+            Self::Local(_) => "local",
+            Self::Raw(_) => "raw",
+        }
+    }
+}
+
+/// The call a run repeats, in the forms each target needs.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    /// The SDK call.
+    pub call: Call,
+    /// The same call as a header and a laid-out payload (for the local
+    /// executor and the raw echo).
+    pub header: RequestHeader,
+    /// The request payload.
+    pub payload: Payload,
+    /// Payload bytes a response carries (for the raw echo to send back).
+    pub down_bytes: u64,
+}
+
+impl Workload {
+    /// Builds the forms of `call`; `down_bytes` is what its response
+    /// carries (known from a probe call).
+    ///
+    /// # Errors
+    /// The call's own validation error.
+    pub fn new(call: Call, down_bytes: u64) -> Result<Self, CallError> {
+        let (header, buffers) = call.clone().into_request()?;
+        let mut payload = Payload::new();
+        for b in &buffers {
+            let start = quasar_transport::wire::align_up(payload.len()).unwrap_or(payload.len());
+            payload.resize(start, 0);
+            payload.extend_from_slice(b);
+        }
+        Ok(Self {
+            call,
+            header,
+            payload,
+            down_bytes,
+        })
+    }
+
+    /// Request payload bytes.
+    pub fn up_bytes(&self) -> u64 {
+        self.payload.len() as u64
+    }
+}
+
+fn code_name(e: &CallError) -> &'static str {
+    e.code().name()
+}
+
+/// Runs one call on `target` (connection `idx` modulo the connection count).
+pub async fn call_once(
+    target: &Target,
+    work: &Workload,
+    idx: usize,
+    intended: Instant,
+) -> CallRecord {
+    let start = Instant::now();
+    let mut record = CallRecord {
+        corrected: Duration::ZERO,
+        uncorrected: Duration::ZERO,
+        outcome: Ok(()),
+        client: Duration::ZERO,
+        server: None,
+        up: work.up_bytes(),
+        down: 0,
+    };
+    match target {
+        Target::Remote(clients) => {
+            let client = &clients[idx % clients.len()];
+            let call = work.call.clone();
+            let copied = start.elapsed();
+            match client.execute(call).await {
+                Ok(r) => {
+                    record.client = copied + r.client_timings().encode;
+                    record.server = Some(r.timings());
+                    record.down = r.payload_len() as u64;
+                }
+                Err(e) => {
+                    if let CallError::Status { timings, .. } = &e {
+                        record.server = Some(*timings);
+                    }
+                    record.outcome = Err(code_name(&e));
+                }
+            }
+        }
+        Target::Local(dispatcher) => {
+            let payload = work.payload.clone();
+            record.client = start.elapsed();
+            match dispatcher.dispatch(&work.header, payload).await {
+                Ok(out) => {
+                    record.server = Some(out.timings);
+                    record.down = out.payload.len() as u64;
+                }
+                Err(e) => record.outcome = Err(e.code.name()),
+            }
+        }
+        Target::Raw(clients) => {
+            let client = &clients[idx % clients.len()];
+            match client.echo(&work.payload, work.down_bytes).await {
+                Ok(n) => record.down = n,
+                Err(_) => record.outcome = Err("UNAVAILABLE"),
+            }
+        }
+    }
+    let end = Instant::now();
+    record.uncorrected = end - start;
+    record.corrected = end.saturating_duration_since(intended);
+    record
+}
+
+/// The shape of the load.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Load {
+    /// `concurrency` calls always in flight.
+    Closed {
+        /// Calls in flight.
+        concurrency: usize,
+    },
+    /// Calls started at a fixed rate, at most `max_inflight` at once.
+    Open {
+        /// Calls per second.
+        rate: f64,
+        /// Cap on calls in flight; past it the generator waits, and the
+        /// wait counts in corrected latency.
+        max_inflight: usize,
+    },
+}
+
+/// When the measured phase ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// After this long.
+    After(Duration),
+    /// After this many calls.
+    Requests(u64),
+}
+
+/// A run's phases.
+#[derive(Debug, Clone, Copy)]
+pub struct Phases {
+    /// Unrecorded warm-up.
+    pub warmup: Duration,
+    /// The measured phase's end.
+    pub stop: Stop,
+}
+
+/// Live state of a run, for the progress display.
+#[derive(Debug)]
+pub struct Live {
+    /// The recorder of the measured phase.
+    pub recorder: Mutex<Recorder>,
+    /// When measuring started (set after warm-up).
+    pub measuring_since: Mutex<Option<Instant>>,
+    /// Measured calls started.
+    pub issued: AtomicU64,
+}
+
+impl Live {
+    fn new() -> Self {
+        Self {
+            recorder: Mutex::new(Recorder::new()),
+            measuring_since: Mutex::new(None),
+            issued: AtomicU64::new(0),
+        }
+    }
+
+    fn record(&self, r: &CallRecord) {
+        if let Ok(mut rec) = self.recorder.lock() {
+            rec.record(r);
+        }
+    }
+}
+
+/// The outcome of one run.
+#[derive(Debug)]
+pub struct RunOutput {
+    /// Everything recorded.
+    pub recorder: Recorder,
+    /// Length of the measured phase.
+    pub elapsed: Duration,
+    /// True if the run was stopped early (Ctrl-C).
+    pub interrupted: bool,
+}
+
+/// Runs `load` against `target` through the warm-up and measured phases.
+/// `live` is updated as calls finish (for a progress display); `cancel`
+/// stops the run early, keeping what was measured.
+pub async fn run(
+    target: Target,
+    work: Arc<Workload>,
+    load: Load,
+    phases: Phases,
+    live: Arc<Live>,
+    cancel: CancellationToken,
+) -> RunOutput {
+    let t0 = Instant::now();
+    let measure_from = t0 + phases.warmup;
+    let measure_until = match phases.stop {
+        Stop::After(d) => Some(measure_from + d),
+        Stop::Requests(_) => None,
+    };
+    let limit = match phases.stop {
+        Stop::Requests(n) => n,
+        Stop::After(_) => u64::MAX,
+    };
+    // Claims a measured slot for a call intended to start at `at`: None when
+    // the run is over, Some(false) in warm-up, Some(true) when measured.
+    let claim = {
+        let live = live.clone();
+        move |at: Instant| -> Option<bool> {
+            if measure_until.is_some_and(|end| at >= end) {
+                return None;
+            }
+            if at < measure_from {
+                return Some(false);
+            }
+            if let Ok(mut since) = live.measuring_since.lock() {
+                since.get_or_insert(measure_from);
+            }
+            let n = live.issued.fetch_add(1, Ordering::Relaxed);
+            (n < limit).then_some(true)
+        }
+    };
+    let mut tasks = JoinSet::new();
+    match load {
+        Load::Closed { concurrency } => {
+            for worker in 0..concurrency.max(1) {
+                let (target, work, live, cancel, claim) = (
+                    target.clone(),
+                    work.clone(),
+                    live.clone(),
+                    cancel.clone(),
+                    claim.clone(),
+                );
+                tasks.spawn(async move {
+                    while !cancel.is_cancelled() {
+                        let now = Instant::now();
+                        let Some(measured) = claim(now) else { break };
+                        let r = tokio::select! {
+                            r = call_once(&target, &work, worker, now) => r,
+                            () = cancel.cancelled() => break,
+                        };
+                        if measured {
+                            live.record(&r);
+                        }
+                    }
+                });
+            }
+        }
+        Load::Open { rate, max_inflight } => {
+            let interval = Duration::from_secs_f64(1.0 / rate.max(1e-6));
+            let slots = Arc::new(Semaphore::new(max_inflight.max(1)));
+            let mut i: u64 = 0;
+            loop {
+                let intended = t0 + interval.mul_f64(i as f64);
+                i += 1;
+                let Some(measured) = claim(intended) else {
+                    break;
+                };
+                tokio::select! {
+                    () = tokio::time::sleep_until(intended.into()) => {}
+                    () = cancel.cancelled() => break,
+                }
+                let permit = tokio::select! {
+                    p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                    () = cancel.cancelled() => break,
+                };
+                let (target, work, live) = (target.clone(), work.clone(), live.clone());
+                let idx = i as usize;
+                tasks.spawn(async move {
+                    let r = call_once(&target, &work, idx, intended).await;
+                    drop(permit);
+                    if measured {
+                        live.record(&r);
+                    }
+                });
+                // Reap finished tasks so the set does not grow with the run.
+                while tasks.try_join_next().is_some() {}
+            }
+        }
+    }
+    // Let calls in flight finish; on Ctrl-C, give them a moment, no more.
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if cancel.is_cancelled() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+    } else {
+        tokio::select! {
+            () = drain => {}
+            () = cancel.cancelled() => {}
+        }
+    }
+    tasks.abort_all();
+    let end = Instant::now();
+    let started = live
+        .measuring_since
+        .lock()
+        .ok()
+        .and_then(|s| *s)
+        .unwrap_or(end);
+    let recorder = live.recorder.lock().map(|r| r.clone()).unwrap_or_default();
+    RunOutput {
+        recorder,
+        elapsed: end.saturating_duration_since(started),
+        interrupted: cancel.is_cancelled(),
+    }
+}
+
+/// A fresh live state for a run.
+pub fn live() -> Arc<Live> {
+    Arc::new(Live::new())
+}

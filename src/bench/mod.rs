@@ -1,0 +1,160 @@
+//! The engine of `quasar bench`: load shapes, targets, statistics, reports
+//! and plots. The command line (`src/cli/bench.rs`) only parses arguments and
+//! sets up the targets; everything measurable lives here, where the tests
+//! can drive it too.
+//!
+//! # Layout
+//! - [`load`]: targets (remote server, local executor, raw QUIC echo), the
+//!   closed and open loops, warm-up and stop conditions.
+//! - [`stats`]: hdrhistogram recording, per-call time parts, summaries.
+//! - [`report`]: the terminal table, JSON, and `.hgrm` text.
+//! - [`plot`]: SVG/PNG plots.
+//! - [`raw`]: the raw QUIC echo baseline.
+
+pub mod load;
+pub mod plot;
+pub mod raw;
+pub mod report;
+pub mod stats;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio_util::sync::CancellationToken;
+
+use load::{Live, Load, Phases, Stop, Target, Workload};
+use report::{LoadJson, RunReport};
+
+/// What to run against which targets.
+#[derive(Clone)]
+pub struct Plan {
+    /// One step per load (a sweep has several).
+    pub steps: Vec<Load>,
+    /// Connections calls are spread over (for labels; the targets hold them).
+    pub connections: usize,
+    /// Warm-up and stop.
+    pub phases: Phases,
+    /// The Quasar server.
+    pub remote: Target,
+    /// The in-process baseline, if compared.
+    pub local: Option<Target>,
+    /// The raw QUIC echo baseline, if compared.
+    pub raw: Option<Target>,
+    /// Show live progress on the terminal.
+    pub progress: bool,
+}
+
+/// Runs every step against every target: remote first, then the baselines
+/// under the same load. Stops early (keeping what was measured) when
+/// `cancel` fires.
+pub async fn execute(
+    plan: &Plan,
+    work: Arc<Workload>,
+    cancel: &CancellationToken,
+) -> (Vec<RunReport>, Vec<report::Comparison>) {
+    let mut runs = Vec::new();
+    let mut comparisons = Vec::new();
+    for &load in &plan.steps {
+        let mut remote_run: Option<RunReport> = None;
+        let targets = std::iter::once(&plan.remote)
+            .chain(plan.local.iter())
+            .chain(plan.raw.iter());
+        for target in targets {
+            if cancel.is_cancelled() {
+                break;
+            }
+            let load_json = LoadJson::of(load, plan.connections);
+            let label = format!("{} {}", target.name(), load_json.label());
+            let live = load::live();
+            let bar = plan.progress.then(|| progress(&label, &live, plan.phases));
+            let out = load::run(
+                target.clone(),
+                work.clone(),
+                load,
+                plan.phases,
+                live.clone(),
+                cancel.clone(),
+            )
+            .await;
+            if let Some((bar, ticker)) = bar {
+                ticker.abort();
+                bar.finish_and_clear();
+            }
+            let run = RunReport {
+                label,
+                target: target.name(),
+                load: load_json,
+                interrupted: out.interrupted,
+                summary: out.recorder.summary(out.elapsed),
+                recorder: out.recorder,
+            };
+            match &remote_run {
+                None => remote_run = Some(run.clone()),
+                Some(remote) => comparisons.push(report::compare(remote, &run)),
+            }
+            runs.push(run);
+        }
+        if cancel.is_cancelled() {
+            break;
+        }
+    }
+    (runs, comparisons)
+}
+
+/// A progress bar fed from the live recorder every 200 ms: elapsed and
+/// remaining, calls/s, current p50 and p99, errors.
+fn progress(
+    label: &str,
+    live: &Arc<Live>,
+    phases: Phases,
+) -> (ProgressBar, tokio::task::JoinHandle<()>) {
+    let (len, unit) = match phases.stop {
+        Stop::After(d) => (d.as_millis() as u64, "ms"),
+        Stop::Requests(n) => (n, "calls"),
+    };
+    let bar = ProgressBar::new(len);
+    let template = if unit == "ms" {
+        "{prefix:>16} [{elapsed_precise}] {wide_bar} eta {eta} {msg}"
+    } else {
+        "{prefix:>16} [{elapsed_precise}] {wide_bar} {pos}/{len} calls {msg}"
+    };
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        bar.set_style(style);
+    }
+    bar.set_prefix(label.to_owned());
+    let (b, live) = (bar.clone(), live.clone());
+    let ticker = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            let since = live.measuring_since.lock().ok().and_then(|s| *s);
+            let Some(since) = since else {
+                b.set_message("warming up");
+                continue;
+            };
+            let elapsed = since.elapsed();
+            let (ok, errors, p50, p99) = match live.recorder.lock() {
+                Ok(r) => (
+                    r.ok(),
+                    r.errors(),
+                    r.corrected().value_at_quantile(0.5),
+                    r.corrected().value_at_quantile(0.99),
+                ),
+                Err(_) => continue,
+            };
+            b.set_position(match unit {
+                "ms" => elapsed.as_millis() as u64,
+                _ => live.issued.load(Ordering::Relaxed),
+            });
+            b.set_message(format!(
+                "{:.0} calls/s  p50 {}  p99 {}  errors {errors}",
+                ok as f64 / elapsed.as_secs_f64().max(1e-3),
+                report::us(p50 as f64),
+                report::us(p99 as f64),
+            ));
+        }
+    });
+    (bar, ticker)
+}

@@ -1,0 +1,337 @@
+//! Reports: the terminal table, the JSON document (schema in
+//! `benches/README.md`), and HdrHistogram's percentile-distribution text.
+
+use std::io::Write;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use super::load::Load;
+use super::stats::{BreakdownRow, Recorder, Summary};
+
+/// The load of a run, as reported.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum LoadJson {
+    /// Closed loop.
+    Closed {
+        /// Calls in flight.
+        concurrency: usize,
+        /// Connections the calls are spread over.
+        connections: usize,
+    },
+    /// Open loop.
+    Open {
+        /// Target calls per second.
+        rate: f64,
+        /// Cap on calls in flight.
+        max_inflight: usize,
+        /// Connections the calls are spread over.
+        connections: usize,
+    },
+}
+
+impl LoadJson {
+    /// The report form of `load`.
+    pub fn of(load: Load, connections: usize) -> Self {
+        match load {
+            Load::Closed { concurrency } => Self::Closed {
+                concurrency,
+                connections,
+            },
+            Load::Open { rate, max_inflight } => Self::Open {
+                rate,
+                max_inflight,
+                connections,
+            },
+        }
+    }
+
+    /// A short label: `c=64` or `rate=1000/s`.
+    pub fn label(&self) -> String {
+        match self {
+            Self::Closed { concurrency, .. } => format!("c={concurrency}"),
+            Self::Open { rate, .. } => format!("rate={rate}/s"),
+        }
+    }
+}
+
+/// One run (one sweep step against one target).
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// `remote c=64`, `local c=64`, `raw c=64`...
+    pub label: String,
+    /// `remote`, `local` or `raw`.
+    pub target: &'static str,
+    /// The load.
+    pub load: LoadJson,
+    /// True if Ctrl-C cut the run short.
+    pub interrupted: bool,
+    /// The numbers.
+    #[serde(flatten)]
+    pub summary: Summary,
+    /// The recorder, for the `.hgrm` files and plots.
+    #[serde(skip)]
+    pub recorder: Recorder,
+}
+
+/// Remote against a baseline, for one step.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    /// The step's load label.
+    pub step: String,
+    /// `local` or `raw`.
+    pub baseline: &'static str,
+    /// Remote p50 / baseline p50.
+    pub p50_ratio: f64,
+    /// Remote p99 / baseline p99.
+    pub p99_ratio: f64,
+    /// Remote calls/s / baseline calls/s.
+    pub throughput_ratio: f64,
+    /// Remote p50 minus baseline p50, microseconds: what going remote adds.
+    pub p50_added_us: f64,
+}
+
+/// The whole JSON document.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Schema version of this document.
+    pub schema: u32,
+    /// The Quasar version that wrote it.
+    pub quasar_version: &'static str,
+    /// The server: its address, or `embedded`.
+    pub server: String,
+    /// The local adapter, when the server is embedded or `--compare-local` ran.
+    pub adapter: Option<String>,
+    /// Kernel name.
+    pub kernel: String,
+    /// Problem size of a shipped kernel's sample (none for given inputs).
+    pub size: Option<usize>,
+    /// Request payload bytes per call.
+    pub request_bytes: u64,
+    /// Response payload bytes per call.
+    pub response_bytes: u64,
+    /// Every run, remote first for each step.
+    pub runs: Vec<RunReport>,
+    /// Remote against the baselines, per step.
+    pub comparisons: Vec<Comparison>,
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 { a / b } else { f64::NAN }
+}
+
+/// Compares a remote run with a baseline run of the same step.
+pub fn compare(remote: &RunReport, base: &RunReport) -> Comparison {
+    let (r, b) = (&remote.summary, &base.summary);
+    Comparison {
+        step: remote.load.label(),
+        baseline: base.target,
+        p50_ratio: ratio(r.latency_us.p50 as f64, b.latency_us.p50 as f64),
+        p99_ratio: ratio(r.latency_us.p99 as f64, b.latency_us.p99 as f64),
+        throughput_ratio: ratio(r.throughput.calls_per_s, b.throughput.calls_per_s),
+        p50_added_us: r.latency_us.p50 as f64 - b.latency_us.p50 as f64,
+    }
+}
+
+/// Formats microseconds for the table.
+pub fn us(v: f64) -> String {
+    if v >= 10_000.0 {
+        format!("{:.1}ms", v / 1000.0)
+    } else if v >= 1000.0 {
+        format!("{:.2}ms", v / 1000.0)
+    } else {
+        format!("{v:.0}us")
+    }
+}
+
+fn breakdown_line(row: &BreakdownRow) -> String {
+    let p = &row.parts;
+    let wait = if p.wait > 0.0 {
+        format!("wait {:>8} + ", us(p.wait))
+    } else {
+        String::new()
+    };
+    format!(
+        "    p{:<6} {:>9} = {wait}client {:>8} + queue {:>8} + gpu {:>8} + readback {:>8} + network {:>8}",
+        row.percentile,
+        us(p.total),
+        us(p.client),
+        us(p.queue),
+        us(p.gpu),
+        us(p.readback),
+        us(p.network)
+    )
+}
+
+/// Writes the human-readable report.
+pub fn print_table(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "kernel {}{}: {} B up, {} B down per call; server {}",
+        report.kernel,
+        report
+            .size
+            .map(|s| format!(" size {s}"))
+            .unwrap_or_default(),
+        report.request_bytes,
+        report.response_bytes,
+        report.server
+    )?;
+    if let Some(a) = &report.adapter {
+        writeln!(out, "local adapter: {a}")?;
+    }
+    for run in &report.runs {
+        let s = &run.summary;
+        let l = &s.latency_us;
+        writeln!(out)?;
+        writeln!(
+            out,
+            "{}{}: {} calls ({} ok{}) in {:.2}s: {:.0} calls/s, {:.2} MB/s up, {:.2} MB/s down",
+            run.label,
+            if run.interrupted {
+                " (interrupted)"
+            } else {
+                ""
+            },
+            s.calls,
+            s.ok,
+            if s.errors.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", errors: {}",
+                    s.errors
+                        .iter()
+                        .map(|(k, v)| format!("{k} {v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            },
+            s.duration_s,
+            s.throughput.calls_per_s,
+            s.throughput.mb_per_s_up,
+            s.throughput.mb_per_s_down,
+        )?;
+        writeln!(
+            out,
+            "    {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+            "min", "mean", "stdev", "p50", "p90", "p99", "p99.9", "p99.99", "max"
+        )?;
+        let row = |l: &super::stats::LatencySummary| {
+            format!(
+                "    {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+                us(l.min as f64),
+                us(l.mean),
+                us(l.stdev),
+                us(l.p50 as f64),
+                us(l.p90 as f64),
+                us(l.p99 as f64),
+                us(l.p99_9 as f64),
+                us(l.p99_99 as f64),
+                us(l.max as f64)
+            )
+        };
+        writeln!(out, "{}", row(l))?;
+        if matches!(run.load, LoadJson::Open { .. }) {
+            writeln!(out, "{}  (uncorrected)", row(&s.latency_uncorrected_us))?;
+        }
+        if !s.breakdown_us.is_empty() && run.target != "raw" {
+            writeln!(out, "  where the time went:")?;
+            for b in &s.breakdown_us {
+                writeln!(out, "{}", breakdown_line(b))?;
+            }
+        }
+    }
+    if !report.comparisons.is_empty() {
+        writeln!(out)?;
+        writeln!(out, "the price of remote:")?;
+        for c in &report.comparisons {
+            writeln!(
+                out,
+                "  {:<14} vs {:<5}  p50 x{:.2} ({:+.0} us)   p99 x{:.2}   throughput x{:.2}",
+                c.step, c.baseline, c.p50_ratio, c.p50_added_us, c.p99_ratio, c.throughput_ratio
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes a histogram in HdrHistogram's percentile-distribution text format
+/// (values in milliseconds, 5 ticks per half distance), which the standard
+/// HdrHistogram plotter loads.
+pub fn write_hgrm(h: &Histogram<u64>, out: &mut impl Write) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{:>12} {:>14} {:>10} {:>14}\n",
+        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
+    )?;
+    let mut total = 0u64;
+    for v in h.iter_quantiles(5) {
+        total += v.count_since_last_iteration();
+        let value = v.value_iterated_to() as f64 / 1000.0;
+        let q = v.quantile_iterated_to();
+        if q < 1.0 {
+            writeln!(
+                out,
+                "{value:12.3} {q:2.12} {total:10} {:14.2}",
+                1.0 / (1.0 - q)
+            )?;
+        } else {
+            writeln!(out, "{value:12.3} {q:2.12} {total:10}")?;
+        }
+    }
+    let sub_buckets = 2u64.pow((2.0 * 10f64.powi(i32::from(h.sigfig()))).log2().ceil() as u32);
+    writeln!(
+        out,
+        "#[Mean    = {:12.3}, StdDeviation   = {:12.3}]",
+        h.mean() / 1000.0,
+        h.stdev() / 1000.0
+    )?;
+    writeln!(
+        out,
+        "#[Max     = {:12.3}, Total count    = {:12}]",
+        h.max() as f64 / 1000.0,
+        h.len()
+    )?;
+    writeln!(
+        out,
+        "#[Buckets = {:12}, SubBuckets     = {:12}]",
+        h.buckets(),
+        sub_buckets
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hgrm_lines_parse_and_end_at_the_total() {
+        let mut h = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("histogram");
+        for v in 1..=10_000u64 {
+            h.record(v * 7).expect("record");
+        }
+        let mut out = Vec::new();
+        write_hgrm(&h, &mut out).expect("write");
+        let text = String::from_utf8(out).expect("utf-8");
+        let rows: Vec<Vec<f64>> = text
+            .lines()
+            .skip(2)
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(|l| {
+                l.split_whitespace()
+                    .map(|c| c.parse().expect("number"))
+                    .collect()
+            })
+            .collect();
+        assert!(rows.len() > 20);
+        assert!(
+            rows.windows(2)
+                .all(|w| w[0][1] <= w[1][1] && w[0][0] <= w[1][0])
+        );
+        assert_eq!(rows.last().map(|r| r[2]), Some(10_000.0));
+        assert!(text.contains("#[Buckets ="));
+    }
+}

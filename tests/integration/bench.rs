@@ -1,0 +1,249 @@
+//! `quasar bench`: its JSON adds up, its percentiles are monotonic, its
+//! `.hgrm` parses back, its plot is drawn, coordinated-omission correction
+//! really happens, and each call's measured parts fit inside its latency.
+//! No timing thresholds: only relations that hold on any machine.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Instant;
+
+use quasar::bench::load::{Target, Workload, call_once};
+use quasar::samples::call_for;
+use quasar_shaders::{Sample, sample::seeded};
+use serde_json::Value;
+
+use crate::support::{client, server};
+
+const BIN: &str = env!("CARGO_BIN_EXE_quasar");
+
+fn bench(args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .arg("bench")
+        .args(args)
+        .arg("--no-progress")
+        .output()
+        .expect("run quasar bench");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "quasar bench failed:\n{text}");
+    text
+}
+
+fn u(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing in {v}"))
+}
+
+fn f(v: &Value, key: &str) -> f64 {
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} missing in {v}"))
+}
+
+/// Parses an .hgrm file back: (value, percentile, total count) rows.
+fn parse_hgrm(path: &Path) -> Vec<(f64, f64, u64)> {
+    let text = std::fs::read_to_string(path).expect("hgrm file");
+    let mut lines = text.lines();
+    let head = lines.next().expect("header line");
+    assert!(head.contains("Value") && head.contains("Percentile") && head.contains("TotalCount"));
+    lines
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (
+                cols[0].parse().expect("value"),
+                cols[1].parse().expect("percentile"),
+                cols[2].parse().expect("count"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn json_hgrm_and_plot_of_a_short_run_are_consistent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("run.json");
+    let hgrm = dir.path().join("lat.hgrm");
+    let svg = dir.path().join("plot.svg");
+    let text = bench(&[
+        "--embedded",
+        "--kernel",
+        "saxpy",
+        "--size",
+        "300",
+        "--concurrency",
+        "4",
+        "--requests",
+        "150",
+        "--warmup",
+        "100ms",
+        "--compare-local",
+        "--compare-raw",
+        "--json",
+        json.to_str().expect("path"),
+        "--hgrm",
+        hgrm.to_str().expect("path"),
+        "--plot",
+        svg.to_str().expect("path"),
+    ]);
+    assert!(text.contains("the price of remote"), "{text}");
+
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("valid JSON");
+    assert_eq!(doc["schema"], 1);
+    // x and y of 300 f32 each; 1200 is a multiple of the 16-byte alignment.
+    assert_eq!(u(&doc, "request_bytes"), 2 * 300 * 4);
+    assert_eq!(u(&doc, "response_bytes"), 300 * 4);
+    let runs = doc["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 3);
+    for (run, target) in runs.iter().zip(["remote", "local", "raw"]) {
+        assert_eq!(run["target"], target);
+        let errors: u64 = run["errors"]
+            .as_object()
+            .expect("errors")
+            .values()
+            .map(|v| v.as_u64().expect("count"))
+            .sum();
+        assert_eq!(u(run, "calls"), u(run, "ok") + errors, "{run}");
+        assert_eq!(u(run, "calls"), 150, "--requests 150 measured calls");
+        let l = &run["latency_us"];
+        let seq: Vec<u64> = ["min", "p50", "p90", "p99", "p99_9", "p99_99", "max"]
+            .iter()
+            .map(|k| u(l, k))
+            .collect();
+        assert!(
+            seq.windows(2).all(|w| w[0] <= w[1]),
+            "percentiles not monotonic: {seq:?}"
+        );
+        assert!(f(l, "mean") >= seq[0] as f64 && f(l, "mean") <= seq[6] as f64);
+        for row in run["breakdown_us"].as_array().expect("breakdown") {
+            let parts =
+                ["wait", "client", "queue", "gpu", "readback", "network"].map(|k| f(row, k));
+            assert!(parts.iter().all(|p| *p >= 0.0), "{row}");
+            let sum: f64 = parts.iter().sum();
+            assert!(
+                sum <= f(row, "total") + 1e-6,
+                "parts exceed the total: {row}"
+            );
+        }
+    }
+    let comparisons = doc["comparisons"].as_array().expect("comparisons");
+    assert_eq!(comparisons.len(), 2);
+    assert!(comparisons.iter().all(|c| f(c, "p50_ratio") > 0.0));
+
+    // One .hgrm per run; each parses back to its run's successful calls.
+    for (run, label) in runs.iter().zip(["remote_c_4", "local_c_4", "raw_c_4"]) {
+        let rows = parse_hgrm(&dir.path().join(format!("lat-{label}.hgrm")));
+        assert!(rows.len() > 5);
+        assert!(
+            rows.windows(2)
+                .all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1 && w[0].2 <= w[1].2)
+        );
+        assert_eq!(rows.last().map(|r| r.2), Some(u(run, "ok")));
+        assert_eq!(rows.last().map(|r| r.1), Some(1.0));
+    }
+
+    let plot = std::fs::read_to_string(&svg).expect("svg");
+    assert!(plot.len() > 5_000, "plot too small: {} bytes", plot.len());
+    assert!(
+        plot.contains("<svg") && plot.contains("polyline"),
+        "not an SVG with lines"
+    );
+    assert!(
+        plot.contains("remote c=4") && plot.contains("raw c=4"),
+        "legend missing"
+    );
+}
+
+#[test]
+fn open_loop_latency_is_corrected_for_coordinated_omission() {
+    // A kernel slow on purpose, offered at a rate it cannot keep up with,
+    // one call at a time: calls start late, and the corrected latency (from
+    // each call's intended start) must show it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("spin.wgsl"),
+        r#"// quasar: output out = 1
+// quasar: stage main = 1
+struct Params { iters: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> seed: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(1)
+fn main() {
+    var x = seed[0];
+    for (var i = 0u; i < params.iters; i++) { x = fract(x * 1.0001 + 0.1); }
+    out[0] = x;
+}
+"#,
+    )
+    .expect("write kernel");
+    let json = dir.path().join("open.json");
+    bench(&[
+        "--embedded",
+        "--kernels",
+        dir.path().to_str().expect("path"),
+        "--kernel",
+        "spin",
+        "--arg",
+        "iters=200000:u32",
+        "--input",
+        "seed=0.5",
+        "--rate",
+        "5000",
+        "--max-inflight",
+        "1",
+        "--requests",
+        "40",
+        "--warmup",
+        "0s",
+        "--json",
+        json.to_str().expect("path"),
+    ]);
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("valid JSON");
+    let run = &doc["runs"][0];
+    assert_eq!(run["load"]["mode"], "open");
+    let corrected = &run["latency_us"];
+    let uncorrected = &run["latency_uncorrected_us"];
+    assert!(u(run, "ok") == 40, "{run}");
+    assert!(
+        u(corrected, "p50") > u(uncorrected, "p50") && u(corrected, "max") > u(uncorrected, "max"),
+        "no correction: corrected {corrected} vs uncorrected {uncorrected}"
+    );
+    // The late start shows up as wait in the breakdown.
+    assert!(f(&run["breakdown_us"][0], "wait") > 0.0, "{run}");
+}
+
+#[tokio::test]
+async fn each_calls_measured_parts_fit_inside_its_latency() {
+    let server = server().await;
+    let client = client(&server).await;
+    let mut rng = seeded(9);
+    let sample = Sample::saxpy(5000, &mut rng);
+    let work = Workload::new(call_for(&sample), 5000 * 4).expect("workload");
+    let target = Target::Remote(Arc::new(vec![client]));
+    for i in 0..50 {
+        let r = call_once(&target, &work, i, Instant::now()).await;
+        assert!(r.outcome.is_ok(), "call {i}: {:?}", r.outcome);
+        let t = r.server.expect("server timings");
+        let parts_us = r.client.as_micros() as u64 + t.queued_us + t.gpu_us + t.readback_us;
+        assert!(
+            parts_us <= r.corrected.as_micros() as u64,
+            "call {i}: parts {parts_us} us > total {} us ({t:?}, client {:?})",
+            r.corrected.as_micros(),
+            r.client
+        );
+        assert!(
+            t.total_us <= r.corrected.as_micros() as u64,
+            "server time exceeds the round trip"
+        );
+        assert_eq!(r.down, 5000 * 4);
+    }
+    server.stop().await;
+}
