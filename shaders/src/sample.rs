@@ -111,6 +111,19 @@ fn uniform_f32(rng: &mut StdRng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
 
+/// Request payload bytes of [`Sample::for_kernel`] at `size`, computed
+/// without generating anything, so callers can refuse sizes that could
+/// never be sent before allocating them. `None` for a kernel not shipped.
+pub fn request_bytes(kernel: &str, size: usize) -> Option<u64> {
+    let n = size.max(1) as u64;
+    Some(match kernel {
+        "saxpy" | "add" | "mul" => 2 * n.saturating_mul(4),
+        "matmul" => 2 * n.saturating_mul(n).saturating_mul(4),
+        "reduce_sum" | "prefix_sum" | "histogram" => n.saturating_mul(4),
+        _ => return None,
+    })
+}
+
 impl Sample {
     /// A sample for a shipped kernel at `size`: the element count of its main
     /// input, or for `matmul` the side of square matrices. `None` for a kernel

@@ -164,6 +164,9 @@ fn explain_call(kernel: &str, e: &CallError) -> anyhow::Error {
         } => {
             anyhow!("the call is too large for the server: {message}; use a smaller --size")
         }
+        CallError::InvalidCall(why) => {
+            anyhow!("this call cannot be sent: {why}; change --size or --input")
+        }
         e if e.is_transport() => anyhow!(
             "the connection failed on the first call ({e}): the server may have refused this client's certificate"
         ),
@@ -240,6 +243,15 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     // The call: a shipped kernel's sample, or the given args and inputs.
     let shipped = SHIPPED.iter().any(|k| k.name == a.kernel);
     let (mut call, sample) = if shipped && a.inputs.is_empty() && a.args.is_empty() {
+        let limit = quasar_transport::Limits::default().max_payload_len;
+        if let Some(bytes) = quasar_shaders::sample::request_bytes(&a.kernel, a.size)
+            && bytes > limit
+        {
+            bail!(
+                "--size {} makes {bytes}-byte requests, over the {limit}-byte payload limit; use a smaller --size",
+                a.size
+            );
+        }
         let mut rng = seeded(a.seed);
         let sample = Sample::for_kernel(&a.kernel, a.size, &mut rng)
             .with_context(|| format!("no sample for `{}`", a.kernel))?;

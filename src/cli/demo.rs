@@ -103,6 +103,14 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     let mut failures = Vec::new();
     for kernel in wanted {
         let size = a.size.unwrap_or_else(|| default_size(kernel));
+        let limit = quasar_transport::Limits::default().max_payload_len;
+        if let Some(bytes) = quasar_shaders::sample::request_bytes(kernel, size)
+            && bytes > limit
+        {
+            bail!(
+                "--size {size} makes {kernel} requests of {bytes} bytes, over the {limit}-byte payload limit"
+            );
+        }
         let sample = Sample::for_kernel(kernel, size, &mut rng)
             .with_context(|| format!("no sample for `{kernel}`"))?;
         let mut latency = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;

@@ -247,3 +247,107 @@ async fn each_calls_measured_parts_fit_inside_its_latency() {
     }
     server.stop().await;
 }
+
+fn bench_fails(args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .arg("bench")
+        .args(args)
+        .arg("--no-progress")
+        .output()
+        .expect("run quasar bench");
+    assert!(
+        !out.status.success(),
+        "quasar bench {args:?} should have failed"
+    );
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    let last = err.lines().last().unwrap_or_default().to_owned();
+    assert!(last.starts_with("error: "), "no one-line error: {err}");
+    last
+}
+
+#[test]
+fn clear_one_line_errors() {
+    let e = bench_fails(&[
+        "--embedded",
+        "--kernel",
+        "nope",
+        "--input",
+        "x=1.0",
+        "--requests",
+        "1",
+    ]);
+    assert!(e.contains("not on the server"), "{e}");
+    let e = bench_fails(&[
+        "--embedded",
+        "--kernel",
+        "prefix_sum",
+        "--size",
+        "100000000",
+        "--requests",
+        "1",
+    ]);
+    assert!(
+        e.contains("payload limit") && e.contains("smaller --size"),
+        "{e}"
+    );
+    let e = bench_fails(&[
+        "--embedded",
+        "--kernel",
+        "matmul",
+        "--size",
+        "8",
+        "--arg",
+        "m=9",
+        "--input",
+        "a=1.0",
+        "--requests",
+        "1",
+    ]);
+    assert!(e.contains("rejects this call"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clear_errors_for_a_wrong_address_and_a_refused_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = server().await;
+    std::fs::write(dir.path().join("ca.pem"), server.ca_pem()).expect("ca");
+    let other = quasar_certs::CertificateAuthority::generate("another CA").expect("ca");
+    let id = other
+        .issue_client("mallory", quasar_certs::Validity::default())
+        .expect("id");
+    std::fs::write(dir.path().join("m.pem"), &id.cert_pem).expect("cert");
+    std::fs::write(dir.path().join("m.key"), &id.key_pem).expect("key");
+    let args_for = |addr: String| -> Vec<String> {
+        let p = |f: &str| dir.path().join(f).display().to_string();
+        vec![
+            "--server".into(),
+            addr,
+            "--ca".into(),
+            p("ca.pem"),
+            "--cert".into(),
+            p("m.pem"),
+            "--key".into(),
+            p("m.key"),
+            "--kernel".into(),
+            "saxpy".into(),
+            "--requests".into(),
+            "1".into(),
+        ]
+    };
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            bench_fails(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+    };
+    let refused = run(args_for(server.addr().to_string()))
+        .await
+        .expect("join");
+    assert!(refused.contains("certificate"), "{refused}");
+    // Nothing answers on this port: no reply within the connect timeout.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let dead = silent.local_addr().expect("addr").to_string();
+    let unreachable = run(args_for(dead)).await.expect("join");
+    assert!(unreachable.contains("no answer"), "{unreachable}");
+    drop(silent);
+    server.stop().await;
+}
