@@ -86,13 +86,16 @@ fn code_name(e: &CallError) -> &'static str {
 }
 
 /// Runs one call on `target` (connection `idx` modulo the connection count).
+/// `intended` is when an open loop meant to start it; `None` (closed loop)
+/// means now, so corrected and uncorrected latency are the same.
 pub async fn call_once(
     target: &Target,
     work: &Workload,
     idx: usize,
-    intended: Instant,
+    intended: Option<Instant>,
 ) -> CallRecord {
     let start = Instant::now();
+    let intended = intended.unwrap_or(start);
     let mut record = CallRecord {
         corrected: Duration::ZERO,
         uncorrected: Duration::ZERO,
@@ -275,7 +278,7 @@ pub async fn run(
                         let now = Instant::now();
                         let Some(measured) = claim(now) else { break };
                         let r = tokio::select! {
-                            r = call_once(&target, &work, worker, now) => r,
+                            r = call_once(&target, &work, worker, None) => r,
                             () = cancel.cancelled() => break,
                         };
                         if measured {
@@ -306,7 +309,7 @@ pub async fn run(
                 let (target, work, live) = (target.clone(), work.clone(), live.clone());
                 let idx = i as usize;
                 tasks.spawn(async move {
-                    let r = call_once(&target, &work, idx, intended).await;
+                    let r = call_once(&target, &work, idx, Some(intended)).await;
                     drop(permit);
                     if measured {
                         live.record(&r);

@@ -289,15 +289,16 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     let work = Arc::new(Workload::new(call, probe.payload_len() as u64)?);
 
     let mut adapter = embedded.as_ref().map(|s| s.adapter().to_string());
-    let local = if a.compare_local {
+    let dispatcher = if a.compare_local {
         let d = LocalDispatcher::start(gpu)
             .await
             .context("starting the local GPU executor for --compare-local")?;
         adapter.get_or_insert_with(|| d.adapter().to_string());
-        Some(Target::Local(Arc::new(d)))
+        Some(Arc::new(d))
     } else {
         None
     };
+    let local = dispatcher.clone().map(Target::Local);
     let mut echo = None;
     let raw = if a.compare_raw {
         if !server_is_loopback {
@@ -415,6 +416,12 @@ pub async fn run(a: BenchArgs) -> Result<()> {
 
     for c in clients {
         c.close().await;
+    }
+    // Join the local GPU thread before the process exits: a device torn
+    // down by process exit while its thread still runs can crash the driver.
+    drop(plan);
+    if let Some(d) = dispatcher.and_then(Arc::into_inner) {
+        d.shutdown().await;
     }
     if let Some(s) = echo {
         s.stop().await;

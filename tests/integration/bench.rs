@@ -6,7 +6,6 @@
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Instant;
 
 use quasar::bench::load::{Target, Workload, call_once};
 use quasar::samples::call_for;
@@ -229,7 +228,7 @@ async fn each_calls_measured_parts_fit_inside_its_latency() {
     let work = Workload::new(call_for(&sample), 5000 * 4).expect("workload");
     let target = Target::Remote(Arc::new(vec![client]));
     for i in 0..50 {
-        let r = call_once(&target, &work, i, Instant::now()).await;
+        let r = call_once(&target, &work, i, None).await;
         assert!(r.outcome.is_ok(), "call {i}: {:?}", r.outcome);
         let t = r.server.expect("server timings");
         let parts_us = r.client.as_micros() as u64 + t.queued_us + t.gpu_us + t.readback_us;
