@@ -340,6 +340,7 @@ async fn run(
             timings: Timings {
                 queued_us: micros(output.queued),
                 gpu_us: micros(output.gpu),
+                kernel_us: output.kernel.map(micros),
                 readback_us: micros(output.readback),
                 total_us: 0,
             },

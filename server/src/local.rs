@@ -126,6 +126,7 @@ impl LocalDispatcher {
             timings: Timings {
                 queued_us: micros(out.queued),
                 gpu_us: micros(out.gpu),
+                kernel_us: out.kernel.map(micros),
                 readback_us: micros(out.readback),
                 total_us: micros(started.elapsed()),
             },

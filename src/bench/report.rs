@@ -153,11 +153,12 @@ fn breakdown_line(row: &BreakdownRow) -> String {
         String::new()
     };
     format!(
-        "    p{:<6} {:>9} = {wait}client {:>8} + queue {:>8} + gpu {:>8} + readback {:>8} + network {:>8}",
+        "    p{:<6} {:>9} = {wait}client {:>7} + queue {:>7} + submit {:>7} + gpu {:>7} + readback {:>7} + network {:>7}",
         row.percentile,
         us(p.total),
         us(p.client),
         us(p.queue),
+        us(p.submit),
         us(p.gpu),
         us(p.readback),
         us(p.network)

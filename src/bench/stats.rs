@@ -25,7 +25,12 @@ pub struct Parts {
     pub client: f64,
     /// Waiting in the server's GPU queue.
     pub queue: f64,
-    /// On the GPU: submission to completion.
+    /// Device work around the dispatches: uploads staged by the queue,
+    /// clears, output copies, submission and completion latency (zero where
+    /// the adapter has no timestamp queries: then it is all in `gpu`).
+    pub submit: f64,
+    /// GPU execution: the compute pass from timestamp queries, or where the
+    /// adapter has none, submission to completion on the executor's clock.
     pub gpu: f64,
     /// Copying the outputs out of the mapped readback buffer.
     pub readback: f64,
@@ -38,32 +43,42 @@ impl Parts {
     /// Parts of a call whose total is `total_us`, with the measured parts;
     /// if the measured parts exceed the total (clocks of two machines), they
     /// are scaled down to fit and the remainder is zero.
-    pub fn new(total_us: u64, wait: u64, client: u64, queue: u64, gpu: u64, readback: u64) -> Self {
+    pub fn new(
+        total_us: u64,
+        wait: u64,
+        client: u64,
+        queue: u64,
+        device: Device,
+        readback: u64,
+    ) -> Self {
         let total = total_us as f64;
-        let (mut w, mut c, mut q, mut g, mut r) = (
+        let (submit, gpu) = match device.kernel_us {
+            Some(k) => (device.gpu_us.saturating_sub(k), k.min(device.gpu_us)),
+            None => (0, device.gpu_us),
+        };
+        let mut v = [
             wait as f64,
             client as f64,
             queue as f64,
+            submit as f64,
             gpu as f64,
             readback as f64,
-        );
-        let measured = w + c + q + g + r;
+        ];
+        let measured: f64 = v.iter().sum();
         if measured > total && measured > 0.0 {
             let k = total / measured;
-            w *= k;
-            c *= k;
-            q *= k;
-            g *= k;
-            r *= k;
+            v.iter_mut().for_each(|x| *x *= k);
         }
+        let [w, c, q, s, g, r] = v;
         Self {
             total,
             wait: w,
             client: c,
             queue: q,
+            submit: s,
             gpu: g,
             readback: r,
-            network: (total - (w + c + q + g + r)).max(0.0),
+            network: (total - v.iter().sum::<f64>()).max(0.0),
         }
     }
 
@@ -72,6 +87,7 @@ impl Parts {
         self.wait += o.wait;
         self.client += o.client;
         self.queue += o.queue;
+        self.submit += o.submit;
         self.gpu += o.gpu;
         self.readback += o.readback;
         self.network += o.network;
@@ -82,10 +98,20 @@ impl Parts {
         self.wait *= k;
         self.client *= k;
         self.queue *= k;
+        self.submit *= k;
         self.gpu *= k;
         self.readback *= k;
         self.network *= k;
     }
+}
+
+/// The server's device timings of a call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Device {
+    /// Submission to completion, executor clock.
+    pub gpu_us: u64,
+    /// The compute pass alone, from timestamp queries.
+    pub kernel_us: Option<u64>,
 }
 
 /// One finished call, as the load generator saw it.
@@ -164,7 +190,10 @@ impl Recorder {
                         .unwrap_or(u64::MAX),
                     u64::try_from(r.client.as_micros()).unwrap_or(u64::MAX),
                     t.queued_us,
-                    t.gpu_us,
+                    Device {
+                        gpu_us: t.gpu_us,
+                        kernel_us: t.kernel_us,
+                    },
                     t.readback_us,
                 ));
                 self.up += r.up;
@@ -350,19 +379,28 @@ mod tests {
 
     #[test]
     fn parts_add_up_and_never_exceed_the_total() {
-        let p = Parts::new(100, 0, 10, 20, 30, 5);
-        assert_eq!(p.network, 35.0);
-        let sum = p.wait + p.client + p.queue + p.gpu + p.readback + p.network;
+        let dev = |gpu_us, kernel_us| Device { gpu_us, kernel_us };
+        let p = Parts::new(100, 0, 10, 20, dev(30, Some(12)), 5);
+        assert_eq!((p.submit, p.gpu, p.network), (18.0, 12.0, 35.0));
+        let sum = p.wait + p.client + p.queue + p.submit + p.gpu + p.readback + p.network;
         assert!((sum - p.total).abs() < 1e-9);
+        let p = Parts::new(100, 0, 10, 20, dev(30, None), 5);
+        assert_eq!((p.submit, p.gpu), (0.0, 30.0));
         // Server parts larger than the client's total (another clock).
-        let p = Parts::new(100, 10, 50, 50, 50, 50);
-        assert!(p.wait + p.client + p.queue + p.gpu + p.readback <= p.total + 1e-9);
+        let p = Parts::new(100, 10, 50, 50, dev(50, None), 50);
+        assert!(p.wait + p.client + p.queue + p.submit + p.gpu + p.readback <= p.total + 1e-9);
         assert_eq!(p.network, 0.0);
     }
 
     #[test]
     fn breakdown_rows_follow_the_totals() {
-        let parts: Vec<Parts> = (1..=1000).map(|t| Parts::new(t, 0, 1, 2, 3, 4)).collect();
+        let device = Device {
+            gpu_us: 3,
+            kernel_us: None,
+        };
+        let parts: Vec<Parts> = (1..=1000)
+            .map(|t| Parts::new(t, 0, 1, 2, device, 4))
+            .collect();
         let rows = breakdown(&parts);
         assert_eq!(rows.len(), 4, "99.99 needs 10,000 calls");
         assert!((rows[0].parts.total - 500.0).abs() <= 5.0);

@@ -246,12 +246,17 @@ pub async fn run(a: CallArgs) -> Result<()> {
     }
     let t = response.timings();
     let c = response.client_timings();
+    let kernel = t
+        .kernel_us
+        .map(|k| format!(", of which the kernels {k} us"))
+        .unwrap_or_default();
     println!(
-        "timings: round trip {} us; server {} us (queued {} us, GPU {} us)",
+        "timings: round trip {} us; server {} us (queued {} us, GPU {} us{kernel}, readback {} us)",
         super::micros(c.total),
         t.total_us,
         t.queued_us,
-        t.gpu_us
+        t.gpu_us,
+        t.readback_us
     );
     client.close().await;
     Ok(())

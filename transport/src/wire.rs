@@ -183,6 +183,9 @@ pub struct Timings {
     /// uploads staged by the queue, every dispatch, and the copy of the
     /// outputs into the mappable readback buffer.
     pub gpu_us: u64,
+    /// The compute pass alone (every dispatch), from GPU timestamp queries;
+    /// `None` where the adapter does not support them.
+    pub kernel_us: Option<u64>,
     /// Reading the mapped outputs into the response payload.
     pub readback_us: u64,
     /// From the header being read to the reply being ready to send.
@@ -195,6 +198,7 @@ impl ArchivedTimings {
         Timings {
             queued_us: self.queued_us.to_native(),
             gpu_us: self.gpu_us.to_native(),
+            kernel_us: self.kernel_us.as_ref().map(|v| v.to_native()),
             readback_us: self.readback_us.to_native(),
             total_us: self.total_us.to_native(),
         }

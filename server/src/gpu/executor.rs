@@ -103,8 +103,11 @@ pub struct JobOutput {
     pub payload: Payload,
     /// Time spent queued.
     pub queued: Duration,
-    /// Time from submission to completion.
+    /// Time from submission to completion (executor clock).
     pub gpu: Duration,
+    /// The compute pass alone, measured with GPU timestamp queries where
+    /// the adapter supports them.
+    pub kernel: Option<Duration>,
     /// Time to copy the mapped outputs into the payload.
     pub readback: Duration,
     /// The call's share of the in-flight byte budget, held until the
@@ -267,6 +270,15 @@ impl JobQueue {
     }
 }
 
+/// GPU timestamp queries around each compute pass.
+struct Timestamps {
+    query_set: wgpu::QuerySet,
+    /// Where the two timestamps are resolved before being copied out.
+    resolve: wgpu::Buffer,
+    /// Nanoseconds per timestamp tick.
+    period_ns: f32,
+}
+
 /// A kernel compiled for the device.
 struct Compiled {
     bind_group_layout: wgpu::BindGroupLayout,
@@ -283,6 +295,7 @@ struct Worker {
     pool: BufferPool,
     poll_timeout: Duration,
     stats: Arc<ExecutorStats>,
+    timestamps: Option<Timestamps>,
 }
 
 type Ready = (AdapterSummary, DeviceCaps, Registry);
@@ -294,7 +307,9 @@ impl Worker {
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("quasar"),
-            required_features: wgpu::Features::empty(),
+            // Timestamps give the GPU time of the dispatches alone; without
+            // them the executor's clock around the submission is used.
+            required_features: adapter.features() & wgpu::Features::TIMESTAMP_QUERY,
             // Everything the adapter offers: large buffers matter more than
             // portability of limits for a server.
             required_limits: limits.clone(),
@@ -330,7 +345,25 @@ impl Worker {
             kernels: interfaces.clone(),
             by_name,
         };
+        let timestamps = device
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY)
+            .then(|| Timestamps {
+                query_set: device.create_query_set(&wgpu::QuerySetDescriptor {
+                    label: Some("quasar pass timestamps"),
+                    ty: wgpu::QueryType::Timestamp,
+                    count: 2,
+                }),
+                resolve: device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("quasar timestamp resolve"),
+                    size: wgpu::QUERY_RESOLVE_BUFFER_ALIGNMENT,
+                    usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                    mapped_at_creation: false,
+                }),
+                period_ns: queue.get_timestamp_period(),
+            });
         let worker = Self {
+            timestamps,
             pool: BufferPool::new(limits.max_buffer_size, config.max_pooled_bytes),
             device,
             queue,
@@ -376,11 +409,12 @@ impl Worker {
                 ))
             });
             drop(payload);
-            let result = executed.map(|(payload, gpu, readback)| JobOutput {
-                payload,
+            let result = executed.map(|e| JobOutput {
+                payload: e.payload,
                 queued,
-                gpu,
-                readback,
+                gpu: e.device,
+                kernel: e.kernel,
+                readback: e.readback,
                 permit,
             });
             self.stats.calls.fetch_add(1, Ordering::Relaxed);
@@ -397,11 +431,7 @@ impl Worker {
     }
 
     /// Runs one call: upload, dispatch every stage, read back the outputs.
-    fn execute(
-        &mut self,
-        plan: &CallPlan,
-        payload: &Payload,
-    ) -> Result<(Payload, Duration, Duration), ExecError> {
+    fn execute(&mut self, plan: &CallPlan, payload: &Payload) -> Result<Executed, ExecError> {
         let device = &self.device;
         let kernel = &self.kernels[plan.kernel];
         let iface = &self.interfaces[plan.kernel];
@@ -459,7 +489,13 @@ impl Worker {
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some(&iface.name),
-                timestamp_writes: None,
+                timestamp_writes: self.timestamps.as_ref().map(|ts| {
+                    wgpu::ComputePassTimestampWrites {
+                        query_set: &ts.query_set,
+                        beginning_of_pass_write_index: Some(0),
+                        end_of_pass_write_index: Some(1),
+                    }
+                }),
             });
             pass.set_bind_group(0, &bind_group, &[]);
             for (pipeline, wg) in kernel.pipelines.iter().zip(&plan.workgroups) {
@@ -468,7 +504,22 @@ impl Worker {
             }
         }
         let total = plan.response_layout.total() as u64;
-        let readback = (total > 0).then(|| self.pool.acquire(device, PoolKind::Readback, total));
+        // The two pass timestamps ride in the readback buffer after the
+        // outputs, so reading them costs no extra map.
+        let stamps_at = total.div_ceil(8) * 8;
+        let map_len = if self.timestamps.is_some() {
+            stamps_at + 16
+        } else {
+            total
+        };
+        if let Some(ts) = &self.timestamps {
+            encoder.resolve_query_set(&ts.query_set, 0..2, &ts.resolve, 0);
+        }
+        let readback =
+            (map_len > 0).then(|| self.pool.acquire(device, PoolKind::Readback, map_len));
+        if let (Some(rb), Some(ts)) = (&readback, &self.timestamps) {
+            encoder.copy_buffer_to_buffer(&ts.resolve, 0, rb, stamps_at, Some(16));
+        }
         if let Some(rb) = &readback {
             for (slot, &i) in plan.response_layout.slots().iter().zip(&plan.returned) {
                 encoder.copy_buffer_to_buffer(
@@ -485,7 +536,7 @@ impl Worker {
         let submission = self.queue.submit([encoder.finish()]);
         let (map_tx, map_rx) = std::sync::mpsc::sync_channel(1);
         if let Some(rb) = &readback {
-            rb.map_async(wgpu::MapMode::Read, 0..total, move |r| {
+            rb.map_async(wgpu::MapMode::Read, 0..map_len, move |r| {
                 let _ = map_tx.send(r);
             });
         }
@@ -497,7 +548,19 @@ impl Worker {
         let scope_error = scope.pop().now_or_never().flatten();
 
         let read_start = Instant::now();
-        let result = finish_call(scope_error, polled, readback.as_ref(), &map_rx, plan, total);
+        let stamps = self
+            .timestamps
+            .as_ref()
+            .map(|ts| (stamps_at, f64::from(ts.period_ns)));
+        let result = finish_call(
+            scope_error,
+            polled,
+            readback.as_ref(),
+            &map_rx,
+            plan,
+            map_len,
+            stamps,
+        );
         let read = read_start.elapsed();
         // After a failure a buffer may still be in use or mapped (a poll
         // that timed out leaves its map pending): never reuse those.
@@ -513,8 +576,24 @@ impl Worker {
                 b.destroy();
             }
         }
-        result.map(|p| (p, gpu, read))
+        result.map(|(payload, kernel)| Executed {
+            payload,
+            device: gpu,
+            kernel,
+            readback: read,
+        })
     }
+}
+
+/// What one call's execution produced.
+struct Executed {
+    payload: Payload,
+    /// Submission to completion, executor clock.
+    device: Duration,
+    /// The compute pass alone, from GPU timestamps, where supported.
+    kernel: Option<Duration>,
+    /// Copying the outputs out of the mapped buffer.
+    readback: Duration,
 }
 
 /// Checks how a submission went and copies the outputs out of the mapped
@@ -525,27 +604,40 @@ fn finish_call(
     readback: Option<&wgpu::Buffer>,
     map_rx: &std::sync::mpsc::Receiver<Result<(), wgpu::BufferAsyncError>>,
     plan: &CallPlan,
-    total: u64,
-) -> Result<Payload, ExecError> {
+    map_len: u64,
+    stamps: Option<(u64, f64)>,
+) -> Result<(Payload, Option<Duration>), ExecError> {
     let mapped = match map_rx.try_recv() {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(ExecError::Gpu(format!("mapping the outputs: {e}"))),
         Err(_) => Err(ExecError::Gpu("the outputs were never mapped".into())),
     };
-    let copy = |rb: &wgpu::Buffer| -> Result<Payload, ExecError> {
+    let copy = |rb: &wgpu::Buffer| -> Result<(Payload, Option<Duration>), ExecError> {
         let view = rb
-            .get_mapped_range(0..total)
+            .get_mapped_range(0..map_len)
             .map_err(|e| ExecError::Gpu(format!("reading the outputs: {e}")))?;
         // Copy slot by slot so padding is zero, never a previous call's bytes.
-        let mut out = Payload::with_capacity(total as usize);
+        let mut out = Payload::with_capacity(plan.response_layout.total());
         for slot in plan.response_layout.slots() {
             out.resize(slot.start, 0);
             out.extend_from_slice(&view[slot.clone()]);
         }
-        Ok(out)
+        let kernel = stamps.and_then(|(at, period_ns)| {
+            let at = at as usize;
+            let tick = |i: usize| {
+                view.get(at + 8 * i..at + 8 * i + 8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_le_bytes)
+            };
+            let (start, end) = (tick(0)?, tick(1)?);
+            // A counter that went backwards (a reset) gives no reading.
+            let ns = end.checked_sub(start)? as f64 * period_ns;
+            Some(Duration::from_nanos(ns as u64))
+        });
+        Ok((out, kernel))
     };
     let out = match readback {
-        None => Ok(Payload::new()),
+        None => Ok((Payload::new(), None)),
         Some(rb) => {
             let out = mapped.clone().and_then(|()| copy(rb));
             if mapped.is_ok() {
