@@ -114,6 +114,10 @@ pub struct BenchArgs {
     /// No live progress display.
     #[arg(long)]
     no_progress: bool,
+    /// --embedded and --compare-local: no GPU timestamp queries (as
+    /// `quasar serve --no-gpu-timestamps`).
+    #[arg(long)]
+    no_gpu_timestamps: bool,
     /// Seed for random inputs.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -207,13 +211,16 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     // The server and its clients.
     let gpu = GpuConfig {
         kernel_dir: a.kernels.clone(),
+        timestamps: !a.no_gpu_timestamps,
         ..GpuConfig::default()
     };
     let mut embedded = None;
     let (clients, server_label, server_is_loopback) = if a.embedded {
         let dir = a.kernels.clone();
+        let timestamps = !a.no_gpu_timestamps;
         let server = EmbeddedServer::start(move |c| {
             c.gpu.kernel_dir = dir;
+            c.gpu.timestamps = timestamps;
             // The bench decides the load; let the GPU queue hold all of it.
             c.gpu.queue_depth = 4096;
         })

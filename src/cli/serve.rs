@@ -46,6 +46,11 @@ pub struct ServeArgs {
     /// On shutdown, seconds in-flight calls may take to finish.
     #[arg(long, default_value_t = 10)]
     grace_s: u64,
+    /// Do not time compute passes with GPU timestamp queries (they cost
+    /// about 50 us per call on lavapipe; GPU time is then the executor's
+    /// clock around submission and completion).
+    #[arg(long)]
+    no_gpu_timestamps: bool,
 }
 
 async fn read(path: &Path) -> Result<Vec<u8>> {
@@ -64,6 +69,7 @@ pub async fn run(a: ServeArgs) -> Result<()> {
     config.gpu.kernel_dir = a.kernels;
     config.gpu.adapter = a.adapter;
     config.gpu.queue_depth = a.queue_depth;
+    config.gpu.timestamps = !a.no_gpu_timestamps;
     config.max_inflight_bytes = a.max_inflight_mib.saturating_mul(1024 * 1024);
     config.limits.max_payload_len = a.max_payload_mib.saturating_mul(1024 * 1024);
     config.quic.max_concurrent_streams = a.max_streams;

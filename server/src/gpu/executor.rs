@@ -44,6 +44,10 @@ pub struct GpuConfig {
     pub poll_timeout: Duration,
     /// Idle GPU buffers kept for reuse, in bytes.
     pub max_pooled_bytes: u64,
+    /// Time each compute pass with GPU timestamp queries where the adapter
+    /// supports them. They cost about 50 us per call on lavapipe (measured
+    /// in BENCHMARKS.md) and little on GPUs.
+    pub timestamps: bool,
 }
 
 impl Default for GpuConfig {
@@ -54,6 +58,7 @@ impl Default for GpuConfig {
             queue_depth: 256,
             poll_timeout: Duration::from_secs(60),
             max_pooled_bytes: 512 * 1024 * 1024,
+            timestamps: true,
         }
     }
 }
@@ -309,7 +314,11 @@ impl Worker {
             label: Some("quasar"),
             // Timestamps give the GPU time of the dispatches alone; without
             // them the executor's clock around the submission is used.
-            required_features: adapter.features() & wgpu::Features::TIMESTAMP_QUERY,
+            required_features: if config.timestamps {
+                adapter.features() & wgpu::Features::TIMESTAMP_QUERY
+            } else {
+                wgpu::Features::empty()
+            },
             // Everything the adapter offers: large buffers matter more than
             // portability of limits for a server.
             required_limits: limits.clone(),
