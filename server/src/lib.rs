@@ -35,7 +35,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use gpu::executor::{ExecutorStats, GpuConfig, Registry};
+pub use gpu::executor::{ExecutorStats, GpuConfig, Registry, Timestamping};
 pub use gpu::{AdapterReport, AdapterSummary, GpuError, list_adapters};
 pub use kernel::KernelInterface;
 

@@ -114,10 +114,10 @@ pub struct BenchArgs {
     /// No live progress display.
     #[arg(long)]
     no_progress: bool,
-    /// --embedded and --compare-local: no GPU timestamp queries (as
-    /// `quasar serve --no-gpu-timestamps`).
-    #[arg(long)]
-    no_gpu_timestamps: bool,
+    /// --embedded and --compare-local: GPU timestamp queries, as
+    /// `quasar serve --gpu-timestamps`.
+    #[arg(long, value_enum, default_value_t = super::serve::Timestamps::Auto)]
+    gpu_timestamps: super::serve::Timestamps,
     /// Seed for random inputs.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -211,13 +211,13 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     // The server and its clients.
     let gpu = GpuConfig {
         kernel_dir: a.kernels.clone(),
-        timestamps: !a.no_gpu_timestamps,
+        timestamps: a.gpu_timestamps.into(),
         ..GpuConfig::default()
     };
     let mut embedded = None;
     let (clients, server_label, server_is_loopback) = if a.embedded {
         let dir = a.kernels.clone();
-        let timestamps = !a.no_gpu_timestamps;
+        let timestamps = a.gpu_timestamps.into();
         let server = EmbeddedServer::start(move |c| {
             c.gpu.kernel_dir = dir;
             c.gpu.timestamps = timestamps;

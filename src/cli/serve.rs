@@ -46,11 +46,31 @@ pub struct ServeArgs {
     /// On shutdown, seconds in-flight calls may take to finish.
     #[arg(long, default_value_t = 10)]
     grace_s: u64,
-    /// Do not time compute passes with GPU timestamp queries (they cost
-    /// about 50 us per call on lavapipe; GPU time is then the executor's
-    /// clock around submission and completion).
-    #[arg(long)]
-    no_gpu_timestamps: bool,
+    /// Time compute passes with GPU timestamp queries: auto = on GPUs, off
+    /// on CPU adapters like lavapipe (where they cost ~140 us per call).
+    #[arg(long, value_enum, default_value_t = Timestamps::Auto)]
+    gpu_timestamps: Timestamps,
+}
+
+/// `--gpu-timestamps` values.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timestamps {
+    /// On GPUs, off on CPU adapters.
+    Auto,
+    /// Always, where supported.
+    On,
+    /// Never.
+    Off,
+}
+
+impl From<Timestamps> for quasar_server::Timestamping {
+    fn from(t: Timestamps) -> Self {
+        match t {
+            Timestamps::Auto => Self::Auto,
+            Timestamps::On => Self::On,
+            Timestamps::Off => Self::Off,
+        }
+    }
 }
 
 async fn read(path: &Path) -> Result<Vec<u8>> {
@@ -69,7 +89,7 @@ pub async fn run(a: ServeArgs) -> Result<()> {
     config.gpu.kernel_dir = a.kernels;
     config.gpu.adapter = a.adapter;
     config.gpu.queue_depth = a.queue_depth;
-    config.gpu.timestamps = !a.no_gpu_timestamps;
+    config.gpu.timestamps = a.gpu_timestamps.into();
     config.max_inflight_bytes = a.max_inflight_mib.saturating_mul(1024 * 1024);
     config.limits.max_payload_len = a.max_payload_mib.saturating_mul(1024 * 1024);
     config.quic.max_concurrent_streams = a.max_streams;

@@ -20,6 +20,19 @@ fn text(out: &std::process::Output) -> String {
     )
 }
 
+/// Kills the server process if the test fails before stopping it, so a
+/// failing run leaves nothing behind.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 fn f32_file(path: &Path, values: &[f32]) {
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     std::fs::write(path, bytes).expect("write");
@@ -61,7 +74,7 @@ fn certs_serve_call_and_stop_from_the_command_line() {
     let bob = quasar(&["certs", "client", "--pki", pki_s, "--name", "bob"]);
     assert!(bob.status.success(), "{}", text(&bob));
 
-    let mut server = Command::new(BIN)
+    let server = Command::new(BIN)
         .args([
             "serve",
             "--listen",
@@ -79,8 +92,9 @@ fn certs_serve_call_and_stop_from_the_command_line() {
         .stdout(Stdio::null())
         .spawn()
         .expect("spawn server");
+    let mut server = KillOnDrop(server);
     // The server logs its address once it is listening: no sleeping.
-    let stderr = server.stderr.take().expect("stderr");
+    let stderr = server.0.stderr.take().expect("stderr");
     let mut lines = BufReader::new(stderr).lines();
     let mut addr = None;
     let mut log = String::new();
@@ -98,7 +112,6 @@ fn certs_serve_call_and_stop_from_the_command_line() {
         }
     }
     let Some(addr) = addr else {
-        let _ = server.kill();
         panic!("the server never said where it listens:\n{log}");
     };
     assert!(log.contains("kernel loaded"), "{log}");
@@ -161,11 +174,11 @@ fn certs_serve_call_and_stop_from_the_command_line() {
     assert!(text(&bad).contains("INVALID_ARGUMENT"), "{}", text(&bad));
 
     let status = Command::new("kill")
-        .args(["-INT", &server.id().to_string()])
+        .args(["-INT", &server.0.id().to_string()])
         .status()
         .expect("kill");
     assert!(status.success());
-    let exit = server.wait().expect("wait");
+    let exit = server.0.wait().expect("wait");
     let rest = drain.join().expect("drain").join("\n");
     assert!(exit.success(), "server exit {exit:?}\n{rest}");
     assert!(rest.contains("server stopped"), "{rest}");

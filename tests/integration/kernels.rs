@@ -170,3 +170,27 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     assert_eq!(r.output::<i32>("out").expect("out"), &expected[..]);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn gpu_timestamps_time_the_compute_pass_when_on() {
+    let server = server_with(|c| c.gpu.timestamps = quasar_server::Timestamping::On).await;
+    let client = client(&server).await;
+    let mut rng = seeded(7);
+    let sample = Sample::matmul(64, 64, 64, &mut rng);
+    for _ in 0..5 {
+        let r = client.execute(call_for(&sample)).await.expect("call");
+        sample
+            .check(&host_outputs(&r))
+            .expect("correct with timestamps on");
+        let t = r.timings();
+        match t.kernel_us {
+            Some(k) => assert!(k <= t.gpu_us, "kernel {k} us > device {} us", t.gpu_us),
+            // lavapipe supports timestamp queries; other adapters may not.
+            None => assert!(
+                !server.adapter().name.contains("llvmpipe"),
+                "no timestamps on lavapipe"
+            ),
+        }
+    }
+    server.stop().await;
+}

@@ -44,10 +44,22 @@ pub struct GpuConfig {
     pub poll_timeout: Duration,
     /// Idle GPU buffers kept for reuse, in bytes.
     pub max_pooled_bytes: u64,
-    /// Time each compute pass with GPU timestamp queries where the adapter
-    /// supports them. They cost about 50 us per call on lavapipe (measured
-    /// in BENCHMARKS.md) and little on GPUs.
-    pub timestamps: bool,
+    /// Whether to time each compute pass with GPU timestamp queries.
+    pub timestamps: Timestamping,
+}
+
+/// When to time compute passes with GPU timestamp queries (where the
+/// adapter supports them at all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Timestamping {
+    /// On GPUs, off on CPU adapters such as lavapipe, where each query
+    /// costs about 140 us of executor time per call (BENCHMARKS.md).
+    #[default]
+    Auto,
+    /// Always, where supported.
+    On,
+    /// Never: GPU time is the executor's clock around submission.
+    Off,
 }
 
 impl Default for GpuConfig {
@@ -58,7 +70,7 @@ impl Default for GpuConfig {
             queue_depth: 256,
             poll_timeout: Duration::from_secs(60),
             max_pooled_bytes: 512 * 1024 * 1024,
-            timestamps: true,
+            timestamps: Timestamping::Auto,
         }
     }
 }
@@ -310,11 +322,16 @@ impl Worker {
         let adapter = choose_adapter(config.adapter.as_deref())?;
         let summary = AdapterSummary::from_info(&adapter.get_info());
         let limits = adapter.limits();
+        let wants_timestamps = match config.timestamps {
+            Timestamping::On => true,
+            Timestamping::Off => false,
+            Timestamping::Auto => !summary.is_cpu,
+        };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("quasar"),
             // Timestamps give the GPU time of the dispatches alone; without
             // them the executor's clock around the submission is used.
-            required_features: if config.timestamps {
+            required_features: if wants_timestamps {
                 adapter.features() & wgpu::Features::TIMESTAMP_QUERY
             } else {
                 wgpu::Features::empty()
