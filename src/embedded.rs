@@ -61,6 +61,7 @@ impl EmbeddedServer {
                 cert_chain: server_id.cert_pem.into_bytes(),
                 key: server_id.key_pem.into_bytes(),
                 client_ca: ca.cert_pem().as_bytes().to_vec(),
+                crls: Vec::new(),
             },
         );
         configure(&mut config);

@@ -22,8 +22,9 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevocationReason, RevokedCertParams, SanType, SerialNumber,
 };
 use thiserror::Error;
 use time::{Duration, OffsetDateTime};
@@ -48,6 +49,20 @@ pub enum CertError {
     ReservedName {
         /// The name given.
         name: String,
+    },
+    /// A certificate could not be parsed (to read its serial number).
+    #[error("{path}: not a certificate rcgen wrote: {detail}")]
+    BadCertificate {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A URI is not usable as a SAN.
+    #[error("invalid URI `{uri}`: it must have a scheme, such as spiffe://example.org/ns/a/sa/b")]
+    InvalidUri {
+        /// The URI given.
+        uri: String,
     },
     /// Files already exist and `force` was not given.
     #[error("refusing to overwrite existing files without --force: {}", paths_list(.paths))]
@@ -224,11 +239,62 @@ impl CertificateAuthority {
     /// [`CertError::InvalidName`] for a name that is not a DNS-style label
     /// sequence, or [`CertError::Rcgen`].
     pub fn issue_client(&self, name: &str, validity: Validity) -> Result<Identity, CertError> {
+        self.issue_client_with_uris(name, &[], validity)
+    }
+
+    /// Issues a client certificate named `name` that also carries URI SANs
+    /// (SPIFFE IDs, say), which the server's access policy can name.
+    ///
+    /// # Errors
+    /// As [`CertificateAuthority::issue_client`], or
+    /// [`CertError::InvalidUri`].
+    pub fn issue_client_with_uris(
+        &self,
+        name: &str,
+        uris: &[String],
+        validity: Validity,
+    ) -> Result<Identity, CertError> {
         check_name(name)?;
         let mut params = CertificateParams::new(vec![name.to_owned()])?;
+        for uri in uris {
+            if !uri.contains("://") || uri.chars().any(char::is_whitespace) {
+                return Err(CertError::InvalidUri { uri: uri.clone() });
+            }
+            let ia5 = uri
+                .as_str()
+                .try_into()
+                .map_err(|_| CertError::InvalidUri { uri: uri.clone() })?;
+            params.subject_alt_names.push(SanType::URI(ia5));
+        }
         params.distinguished_name.push(DnType::CommonName, name);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         self.sign(params, validity)
+    }
+
+    /// A certificate revocation list, signed by this CA, revoking the
+    /// certificates with these serial numbers; valid for `days`.
+    ///
+    /// # Errors
+    /// [`CertError::Rcgen`] if signing fails.
+    pub fn crl(&self, serials: &[Vec<u8>], number: u64, days: i64) -> Result<String, CertError> {
+        let now = OffsetDateTime::now_utc();
+        let params = CertificateRevocationListParams {
+            this_update: now - Duration::hours(1),
+            next_update: now + Duration::days(days),
+            crl_number: SerialNumber::from_slice(&number.to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|s| RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(s),
+                    revocation_time: now - Duration::minutes(1),
+                    reason_code: Some(RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
     }
 
     fn sign(
@@ -353,7 +419,7 @@ impl PkiDir {
         write_file(&self.server_cert(), &server.cert_pem, false)?;
         write_file(&self.server_key(), &server.key_pem, true)?;
         for c in clients {
-            self.write_client(&ca, c)?;
+            self.write_client(&ca, c, &[])?;
         }
         Ok(ca)
     }
@@ -368,19 +434,94 @@ impl PkiDir {
         CertificateAuthority::from_pem(&cert, &key)
     }
 
+    /// Path of the certificate revocation list.
+    pub fn crl(&self) -> PathBuf {
+        self.dir.join("crl.pem")
+    }
+
+    /// Path of the list of revoked serial numbers (hex, one a line) that
+    /// `crl.pem` is made from.
+    pub fn revoked(&self) -> PathBuf {
+        self.dir.join("revoked.txt")
+    }
+
+    /// Revokes client `name`'s certificate: adds its serial number to
+    /// `revoked.txt` and writes a new `crl.pem` (valid 30 days) listing every
+    /// revoked certificate. Servers started with `--crl` refuse it on the
+    /// next handshake.
+    ///
+    /// # Errors
+    /// I/O errors, [`CertError::BadCertificate`], or signing errors.
+    pub fn revoke(&self, name: &str) -> Result<PathBuf, CertError> {
+        check_name(name)?;
+        let path = self.client_cert(name);
+        let pem = read_file(&path)?;
+        let bad = |detail: String| CertError::BadCertificate {
+            path: path.clone(),
+            detail,
+        };
+        let (_, der) =
+            x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+        let cert = der.parse_x509().map_err(|e| bad(e.to_string()))?;
+        let serial = cert.raw_serial_as_string().replace(':', "");
+        let list = match fs::read_to_string(self.revoked()) {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => {
+                return Err(CertError::Io {
+                    path: self.revoked(),
+                    source,
+                });
+            }
+        };
+        let mut serials: Vec<String> = list
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
+        if !serials.contains(&serial) {
+            serials.push(serial);
+        }
+        let bytes: Vec<Vec<u8>> = serials
+            .iter()
+            .map(|h| {
+                (0..h.len())
+                    .step_by(2)
+                    .filter_map(|i| h.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+                    .collect()
+            })
+            .collect();
+        let ca = self.load_ca()?;
+        let crl = ca.crl(&bytes, serials.len() as u64, 30)?;
+        write_file(&self.revoked(), &(serials.join("\n") + "\n"), false)?;
+        write_file(&self.crl(), &crl, false)?;
+        Ok(self.crl())
+    }
+
     /// Issues one more client certificate from this directory's CA.
     ///
     /// # Errors
     /// [`CertError::Exists`] unless `force`, and as [`PkiDir::load_ca`].
-    pub fn add_client(&self, name: &str, force: bool) -> Result<Identity, CertError> {
+    pub fn add_client(
+        &self,
+        name: &str,
+        uris: &[String],
+        force: bool,
+    ) -> Result<Identity, CertError> {
         check_name(name)?;
         refuse_existing(&[self.client_cert(name), self.client_key(name)], force)?;
         let ca = self.load_ca()?;
-        self.write_client(&ca, name)
+        self.write_client(&ca, name, uris)
     }
 
-    fn write_client(&self, ca: &CertificateAuthority, name: &str) -> Result<Identity, CertError> {
-        let id = ca.issue_client(name, Validity::default())?;
+    fn write_client(
+        &self,
+        ca: &CertificateAuthority,
+        name: &str,
+        uris: &[String],
+    ) -> Result<Identity, CertError> {
+        let id = ca.issue_client_with_uris(name, uris, Validity::default())?;
         write_file(&self.client_cert(name), &id.cert_pem, false)?;
         write_file(&self.client_key(name), &id.key_pem, true)?;
         Ok(id)
@@ -472,13 +613,32 @@ mod tests {
         assert!(matches!(err, CertError::Exists { .. }), "{err}");
         assert_eq!(fs::read_to_string(pki.ca_cert()).expect("read"), before);
 
-        pki.add_client("bob", false).expect("bob");
+        pki.add_client("bob", &[], false).expect("bob");
         assert!(pki.client_key("bob").exists());
         assert!(matches!(
-            pki.add_client("bob", false),
+            pki.add_client("bob", &[], false),
             Err(CertError::Exists { .. })
         ));
-        pki.add_client("bob", true).expect("forced");
+        pki.add_client("bob", &["spiffe://example.org/sa/bob".into()], true)
+            .expect("forced");
+        let crl = pki.revoke("bob").expect("revoke");
+        assert!(
+            fs::read_to_string(&crl)
+                .expect("crl")
+                .contains("BEGIN X509 CRL")
+        );
+        pki.revoke("alice").expect("revoke another");
+        assert_eq!(
+            fs::read_to_string(pki.revoked())
+                .expect("list")
+                .lines()
+                .count(),
+            2
+        );
+        assert!(
+            pki.add_client("carol", &["not a uri".into()], false)
+                .is_err()
+        );
         pki.init(&["localhost".into()], &[], &["alice".into()], true)
             .expect("forced init");
         assert_ne!(fs::read_to_string(pki.ca_cert()).expect("read"), before);

@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::Shared;
+use crate::access::Identity;
 use crate::gpu::executor::{Job, JobOutput, SubmitError};
 use crate::kernel::plan::plan;
 
@@ -51,13 +52,15 @@ pub(crate) async fn connection(
             return;
         }
     };
-    tracing::info!(%remote, "connection established");
+    let identity = Arc::new(Identity::of_connection(&conn));
+    tracing::info!(%remote, %identity, "connection established");
     loop {
         tokio::select! {
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
                     let shared = shared.clone();
-                    tracker.spawn(async move { call(send, recv, &shared).await });
+                    let identity = identity.clone();
+                    tracker.spawn(async move { call(send, recv, &shared, &identity).await });
                 }
                 Err(e) => {
                     tracing::info!(%remote, reason = %e, "connection closed");
@@ -98,12 +101,39 @@ struct Success {
     output: JobOutput,
 }
 
-async fn call(mut send: quinn::SendStream, mut recv: quinn::RecvStream, shared: &Shared) {
+async fn call(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    shared: &Shared,
+    identity: &Identity,
+) {
     let opened = Instant::now();
     // Server timings and the call's deadline count from the header being
     // read, so a slow upload does not eat into the caller's budget.
     let mut header_read = None;
-    let outcome = run(&mut send, &mut recv, shared, opened, &mut header_read).await;
+    let mut kernel = None;
+    let outcome = run(
+        &mut send,
+        &mut recv,
+        shared,
+        identity,
+        opened,
+        &mut header_read,
+        &mut kernel,
+    )
+    .await;
+    let access_log = |status: &dyn std::fmt::Display, total_us: u64| {
+        if shared.access_log {
+            tracing::info!(
+                target: "quasar::access",
+                %identity,
+                kernel = kernel.as_deref().unwrap_or("-"),
+                %status,
+                total_us,
+                "call"
+            );
+        }
+    };
     let total_us = || micros(header_read.unwrap_or(opened).elapsed());
     let (header, payload): (ResponseHeader, &[u8]) = match &outcome {
         Ok(ok) => {
@@ -130,16 +160,19 @@ async fn call(mut send: quinn::SendStream, mut recv: quinn::RecvStream, shared: 
             )
         }
         Err(Failure::Reset(code)) => {
-            tracing::debug!(?code, "stream reset");
+            access_log(&format_args!("reset {code:?}"), total_us());
             let _ = recv.stop(code.varint());
             let _ = send.reset(code.varint());
             return;
         }
         Err(Failure::Gone) => {
+            access_log(&"client gone", total_us());
             let _ = send.reset(StreamCode::Cancelled.varint());
             return;
         }
     };
+    let status = StatusCode::from_u16(header.status).unwrap_or(StatusCode::Internal);
+    access_log(&status, header.timings.total_us);
     let bytes = match encode_response(&header) {
         Ok(b) => b,
         Err(e) => {
@@ -200,8 +233,10 @@ async fn run(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     shared: &Shared,
+    identity: &Identity,
     opened: Instant,
     header_read: &mut Option<Instant>,
+    kernel_name: &mut Option<String>,
 ) -> Result<Success, Failure> {
     let read_deadline = tokio::time::Instant::from_std(opened + shared.request_timeout);
     let (prefix, header_bytes) = tokio::time::timeout_at(
@@ -215,24 +250,35 @@ async fn run(
     *header_read = Some(started);
     let header = access_request(&header_bytes)
         .map_err(|e| Failure::status(StatusCode::InvalidArgument, e.to_string(), true))?;
-    let kernel_name = header.kernel.as_str();
-    let (index, kernel) = shared.registry.get(kernel_name).ok_or_else(|| {
+    let requested = header.kernel.as_str();
+    *kernel_name = Some(requested.chars().take(64).collect());
+    let (index, kernel) = shared.registry.get(requested).ok_or_else(|| {
+        // Only what this client may call: the list is not an oracle for
+        // kernels it cannot use.
         let names: Vec<&str> = shared
             .registry
             .kernels()
             .iter()
             .map(|k| k.name.as_str())
+            .filter(|k| shared.policy.allows(identity, k))
             .collect();
         Failure::status(
             StatusCode::NotFound,
             format!(
                 "no kernel named `{}`; this server has: {}",
-                kernel_name.chars().take(64).collect::<String>(),
+                requested.chars().take(64).collect::<String>(),
                 names.join(", ")
             ),
             true,
         )
     })?;
+    if !shared.policy.allows(identity, requested) {
+        return Err(Failure::status(
+            StatusCode::PermissionDenied,
+            format!("identity `{identity}` may not call kernel `{requested}`"),
+            true,
+        ));
+    }
     let plan = plan(
         index,
         kernel,

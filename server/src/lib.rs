@@ -4,6 +4,8 @@
 //! # Layout
 //! - this file: [`ServerConfig`] and [`Server`]: binding the endpoint, the
 //!   accept loop (one task per connection, one per stream), shutdown.
+//! - [`access`]: client identities from their certificates, and the policy
+//!   of which identities may call which kernels.
 //! - [`handler`]: one call on one stream: read and check the request, queue
 //!   it for the GPU, write the reply. Bad input gets a status reply; the
 //!   connection and the server carry on.
@@ -17,6 +19,7 @@
 //! Spawned tasks are tracked (`TaskTracker`), so shutdown can wait for
 //! in-flight calls; the GPU thread is joined last.
 
+pub mod access;
 pub mod gpu;
 pub mod handler;
 pub mod kernel;
@@ -35,6 +38,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use access::{Identity, Policy};
 pub use gpu::executor::{ExecutorStats, GpuConfig, Registry, Timestamping};
 pub use gpu::{AdapterReport, AdapterSummary, GpuError, list_adapters};
 pub use kernel::KernelInterface;
@@ -51,6 +55,8 @@ pub struct TlsPem {
     pub key: Vec<u8>,
     /// CA that client certificates must chain to.
     pub client_ca: Vec<u8>,
+    /// Certificate revocation lists (PEM), checked on every handshake.
+    pub crls: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for TlsPem {
@@ -79,6 +85,10 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     /// On shutdown, how long in-flight calls may take to finish.
     pub shutdown_grace: Duration,
+    /// Which identities may call which kernels.
+    pub policy: Policy,
+    /// Log every call (identity, kernel, status, time) at info level.
+    pub access_log: bool,
 }
 
 impl ServerConfig {
@@ -93,6 +103,8 @@ impl ServerConfig {
             max_inflight_bytes: 1024 * 1024 * 1024,
             request_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
+            policy: Policy::allow_all(),
+            access_log: true,
         }
     }
 }
@@ -129,6 +141,8 @@ pub(crate) struct Shared {
     pub(crate) budget: Arc<Semaphore>,
     pub(crate) budget_kib: u32,
     pub(crate) request_timeout: Duration,
+    pub(crate) policy: Policy,
+    pub(crate) access_log: bool,
 }
 
 /// A bound, ready server.
@@ -152,7 +166,11 @@ impl Server {
         let chain = tls::certs_from_pem(&config.tls.cert_chain, "server certificate")?;
         let key = tls::key_from_pem(&config.tls.key)?;
         let roots = tls::roots_from_pem(&config.tls.client_ca)?;
-        let crypto = tls::server_crypto(chain, key, roots)?;
+        let mut crls = Vec::new();
+        for pem in &config.tls.crls {
+            crls.extend(tls::crls_from_pem(pem)?);
+        }
+        let crypto = tls::server_crypto(chain, key, roots, crls)?;
         let server_config = tls::server_config(crypto, &config.quic)?;
 
         let executor = GpuExecutor::start(config.gpu.clone()).await?;
@@ -182,6 +200,8 @@ impl Server {
             budget: Arc::new(Semaphore::new(budget_kib as usize)),
             budget_kib,
             request_timeout: config.request_timeout,
+            policy: config.policy.clone(),
+            access_log: config.access_log,
         });
         Ok(Self {
             endpoint,

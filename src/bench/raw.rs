@@ -81,6 +81,7 @@ impl RawEchoServer {
             tls::certs_from_pem(id.cert_pem.as_bytes(), "echo certificate")?,
             tls::key_from_pem(id.key_pem.as_bytes())?,
             tls::roots_from_pem(ca.cert_pem().as_bytes())?,
+            Vec::new(),
         )?;
         let config = tls::server_config(crypto, &QuicTuning::default())?;
         let (sock, _) = socket::bind_udp((Ipv4Addr::LOCALHOST, 0).into(), DEFAULT_BUFFER)?;

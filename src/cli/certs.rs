@@ -13,6 +13,18 @@ pub enum CertsCommand {
     Init(InitArgs),
     /// Issue one more client certificate from an existing CA.
     Client(ClientArgs),
+    /// Revoke a client certificate: writes crl.pem for `quasar serve --crl`.
+    Revoke(RevokeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RevokeArgs {
+    /// Directory holding ca.pem, ca.key and the client's certificate.
+    #[arg(long)]
+    pki: PathBuf,
+    /// The client to revoke.
+    #[arg(long)]
+    name: String,
 }
 
 #[derive(Args, Debug)]
@@ -42,6 +54,9 @@ pub struct ClientArgs {
     /// The client's name (its identity).
     #[arg(long)]
     name: String,
+    /// A URI SAN to add (a SPIFFE ID, say), another identity the access policy can name; repeatable.
+    #[arg(long = "uri")]
+    uris: Vec<String>,
     /// Overwrite an existing certificate of that name.
     #[arg(long)]
     force: bool,
@@ -82,13 +97,26 @@ pub async fn run(cmd: CertsCommand) -> Result<()> {
         }
         CertsCommand::Client(a) => {
             let pki = PkiDir::new(&a.pki);
-            pki.add_client(&a.name, a.force).with_context(|| {
+            pki.add_client(&a.name, &a.uris, a.force).with_context(|| {
                 format!("issuing `{}` from the CA in {}", a.name, a.pki.display())
             })?;
             println!(
                 "client:  {} (key {})",
                 pki.client_cert(&a.name).display(),
                 pki.client_key(&a.name).display()
+            );
+            Ok(())
+        }
+        CertsCommand::Revoke(a) => {
+            let pki = PkiDir::new(&a.pki);
+            let crl = pki
+                .revoke(&a.name)
+                .with_context(|| format!("revoking `{}` in {}", a.name, a.pki.display()))?;
+            println!(
+                "revoked: {}; CRL written to {} (serve with --crl {})",
+                a.name,
+                crl.display(),
+                crl.display()
             );
             Ok(())
         }

@@ -1,4 +1,22 @@
 //! `quasar serve`: run a server until Ctrl-C or SIGTERM.
+//!
+//! Every flag has a key of the same name (with `_` for `-`) in the TOML file
+//! given with `--config`; a flag on the command line wins over the file. The
+//! file also holds the access policy, in an `[access]` table:
+//!
+//! ```toml
+//! listen = "0.0.0.0:4433"
+//! cert = "pki/server.pem"
+//! key = "pki/server.key"
+//! client_ca = "pki/ca.pem"
+//! crl = ["pki/crl.pem"]
+//!
+//! [access]
+//! default = "deny"              # identities no rule names: "allow" (default) or "deny"
+//! [[access.rule]]
+//! identity = "alice"            # a DNS SAN, URI SAN or common name; a trailing * is a prefix
+//! kernels = ["saxpy", "matmul"] # names or prefixes; "*" for all
+//! ```
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -6,54 +24,94 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use quasar_server::{Server, ServerConfig, TlsPem};
+use quasar_server::{Policy, Server, ServerConfig, TlsPem};
+use serde::Deserialize;
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Default)]
 pub struct ServeArgs {
-    /// UDP address to listen on.
-    #[arg(long, default_value = "0.0.0.0:4433")]
-    listen: SocketAddr,
+    /// TOML file with any of these settings (keys named like the flags) and
+    /// the `[access]` policy.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// UDP address to listen on [default: 0.0.0.0:4433].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
     /// Server certificate chain (PEM).
     #[arg(long)]
-    cert: PathBuf,
+    cert: Option<PathBuf>,
     /// Server private key (PEM).
     #[arg(long)]
-    key: PathBuf,
+    key: Option<PathBuf>,
     /// CA that client certificates must chain to (PEM).
     #[arg(long = "client-ca")]
-    client_ca: PathBuf,
+    client_ca: Option<PathBuf>,
+    /// Certificate revocation list (PEM), checked on every handshake; repeatable.
+    #[arg(long = "crl")]
+    crl: Vec<PathBuf>,
     /// Directory of extra kernels (*.wgsl); a file named like a shipped kernel replaces it.
     #[arg(long)]
     kernels: Option<PathBuf>,
     /// Use only an adapter whose name contains this.
     #[arg(long, env = "QUASAR_ADAPTER")]
     adapter: Option<String>,
-    /// Calls that may wait for the GPU before new ones are refused (RESOURCE_EXHAUSTED).
-    #[arg(long, default_value_t = 256)]
-    queue_depth: usize,
-    /// Request and response bytes held for in-flight calls, all connections together (MiB).
-    #[arg(long, default_value_t = 1024)]
-    max_inflight_mib: u64,
-    /// Largest request payload accepted (MiB).
-    #[arg(long, default_value_t = 256)]
-    max_payload_mib: u64,
-    /// Calls (streams) one connection may have open at once.
-    #[arg(long, default_value_t = 1024)]
-    max_streams: u32,
-    /// A request must arrive in full within this many seconds.
-    #[arg(long, default_value_t = 30)]
-    request_timeout_s: u64,
-    /// On shutdown, seconds in-flight calls may take to finish.
-    #[arg(long, default_value_t = 10)]
-    grace_s: u64,
+    /// Calls that may wait for the GPU before new ones get RESOURCE_EXHAUSTED [default: 256].
+    #[arg(long)]
+    queue_depth: Option<usize>,
+    /// Request and response bytes held for in-flight calls, all connections together, MiB [default: 1024].
+    #[arg(long)]
+    max_inflight_mib: Option<u64>,
+    /// Largest request payload accepted, MiB [default: 256].
+    #[arg(long)]
+    max_payload_mib: Option<u64>,
+    /// Calls (streams) one connection may have open at once [default: 1024].
+    #[arg(long)]
+    max_streams: Option<u32>,
+    /// A request must arrive (and its reply be read) within this many seconds [default: 30].
+    #[arg(long)]
+    request_timeout_s: Option<u64>,
+    /// A connection silent this many seconds is closed [default: 30].
+    #[arg(long)]
+    idle_timeout_s: Option<u64>,
+    /// On shutdown, seconds in-flight calls may take to finish [default: 10].
+    #[arg(long)]
+    grace_s: Option<u64>,
     /// Time compute passes with GPU timestamp queries: auto = on GPUs, off
-    /// on CPU adapters like lavapipe (where they cost ~140 us per call).
-    #[arg(long, value_enum, default_value_t = Timestamps::Auto)]
-    gpu_timestamps: Timestamps,
+    /// on CPU adapters like lavapipe (where they cost ~140 us per call) [default: auto].
+    #[arg(long, value_enum)]
+    gpu_timestamps: Option<Timestamps>,
+    /// Log every call (identity, kernel, status, time) at info level [default: true].
+    #[arg(long)]
+    access_log: Option<bool>,
+}
+
+/// The `--config` file: the same settings, plus the access policy.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    #[serde(default)]
+    crl: Vec<PathBuf>,
+    kernels: Option<PathBuf>,
+    adapter: Option<String>,
+    queue_depth: Option<usize>,
+    max_inflight_mib: Option<u64>,
+    max_payload_mib: Option<u64>,
+    max_streams: Option<u32>,
+    request_timeout_s: Option<u64>,
+    idle_timeout_s: Option<u64>,
+    grace_s: Option<u64>,
+    gpu_timestamps: Option<Timestamps>,
+    access_log: Option<bool>,
+    #[serde(default)]
+    access: Policy,
 }
 
 /// `--gpu-timestamps` values.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(clap::ValueEnum, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
 pub enum Timestamps {
     /// On GPUs, off on CPU adapters.
     Auto,
@@ -79,28 +137,89 @@ async fn read(path: &Path) -> Result<Vec<u8>> {
         .with_context(|| format!("reading {}", path.display()))
 }
 
-pub async fn run(a: ServeArgs) -> Result<()> {
-    let tls = TlsPem {
-        cert_chain: read(&a.cert).await?,
-        key: read(&a.key).await?,
-        client_ca: read(&a.client_ca).await?,
-    };
-    let mut config = ServerConfig::new(a.listen, tls);
-    config.gpu.kernel_dir = a.kernels;
-    config.gpu.adapter = a.adapter;
-    config.gpu.queue_depth = a.queue_depth;
-    config.gpu.timestamps = a.gpu_timestamps.into();
-    config.max_inflight_bytes = a.max_inflight_mib.saturating_mul(1024 * 1024);
-    config.limits.max_payload_len = a.max_payload_mib.saturating_mul(1024 * 1024);
-    config.quic.max_concurrent_streams = a.max_streams;
-    config.request_timeout = Duration::from_secs(a.request_timeout_s);
-    config.shutdown_grace = Duration::from_secs(a.grace_s);
+/// Paths in the config file are relative to the file's directory.
+fn relative_to(base: &Path, p: PathBuf) -> PathBuf {
+    if p.is_absolute() { p } else { base.join(p) }
+}
 
+async fn load_file(path: &Path) -> Result<FileConfig> {
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .with_context(|| format!("reading {}", path.display()))?;
+    let mut f: FileConfig =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    f.cert = f.cert.map(|p| relative_to(base, p));
+    f.key = f.key.map(|p| relative_to(base, p));
+    f.client_ca = f.client_ca.map(|p| relative_to(base, p));
+    f.kernels = f.kernels.map(|p| relative_to(base, p));
+    f.crl = f.crl.into_iter().map(|p| relative_to(base, p)).collect();
+    Ok(f)
+}
+
+/// The server configuration from the flags over the file over the defaults.
+pub async fn config(a: ServeArgs) -> Result<ServerConfig> {
+    let f = match &a.config {
+        Some(path) => load_file(path).await?,
+        None => FileConfig::default(),
+    };
+    let need = |flag: Option<PathBuf>, file: Option<PathBuf>, name: &str| {
+        flag.or(file).with_context(|| {
+            format!(
+                "--{name} (or `{}` in --config) is required",
+                name.replace('-', "_")
+            )
+        })
+    };
+    let cert = need(a.cert, f.cert, "cert")?;
+    let key = need(a.key, f.key, "key")?;
+    let client_ca = need(a.client_ca, f.client_ca, "client-ca")?;
+    let mut crls = Vec::new();
+    for path in if a.crl.is_empty() { &f.crl } else { &a.crl } {
+        crls.push(read(path).await?);
+    }
+    let tls = TlsPem {
+        cert_chain: read(&cert).await?,
+        key: read(&key).await?,
+        client_ca: read(&client_ca).await?,
+        crls,
+    };
+    let listen = a
+        .listen
+        .or(f.listen)
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 4433)));
+    let mut config = ServerConfig::new(listen, tls);
+    config.gpu.kernel_dir = a.kernels.or(f.kernels);
+    config.gpu.adapter = a.adapter.or(f.adapter);
+    config.gpu.queue_depth = a.queue_depth.or(f.queue_depth).unwrap_or(256);
+    config.gpu.timestamps = a
+        .gpu_timestamps
+        .or(f.gpu_timestamps)
+        .unwrap_or(Timestamps::Auto)
+        .into();
+    let mib = |v: u64| v.saturating_mul(1024 * 1024);
+    config.max_inflight_bytes = mib(a.max_inflight_mib.or(f.max_inflight_mib).unwrap_or(1024));
+    config.limits.max_payload_len = mib(a.max_payload_mib.or(f.max_payload_mib).unwrap_or(256));
+    config.quic.max_concurrent_streams = a.max_streams.or(f.max_streams).unwrap_or(1024);
+    config.quic.idle_timeout =
+        Duration::from_secs(a.idle_timeout_s.or(f.idle_timeout_s).unwrap_or(30));
+    config.request_timeout =
+        Duration::from_secs(a.request_timeout_s.or(f.request_timeout_s).unwrap_or(30));
+    config.shutdown_grace = Duration::from_secs(a.grace_s.or(f.grace_s).unwrap_or(10));
+    config.access_log = a.access_log.or(f.access_log).unwrap_or(true);
+    config.policy = f.access;
+    Ok(config)
+}
+
+pub async fn run(a: ServeArgs) -> Result<()> {
+    let config = config(a).await?;
+    let rules = config.policy.rules.len();
     let server = Server::bind(config).await.context("starting the server")?;
     tracing::info!(adapter = %server.adapter(), "GPU adapter");
     for k in server.kernels() {
         tracing::info!(kernel = %k.name, interface = %k.signature(), "kernel loaded");
     }
+    tracing::info!(rules, "access policy loaded");
     let buffers = server.socket_buffers();
     if buffers.recv < quasar_transport::socket::DEFAULT_BUFFER {
         tracing::warn!(

@@ -33,6 +33,46 @@ impl Drop for KillOnDrop {
     }
 }
 
+type Drain = std::thread::JoinHandle<Vec<String>>;
+
+/// Starts `quasar serve ARGS` and waits (no sleeping) for the log line that
+/// says where it listens; returns the process, the address, the log so far,
+/// and a thread that keeps draining the log so the server never blocks.
+fn spawn_serve(args: &[&str]) -> (KillOnDrop, String, String, Drain) {
+    let child = Command::new(BIN)
+        .arg("serve")
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn server");
+    let mut server = KillOnDrop(child);
+    let stderr = server.0.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let mut addr = None;
+    let mut log = String::new();
+    let started = Instant::now();
+    while addr.is_none() && started.elapsed() < Duration::from_secs(60) {
+        let Some(Ok(line)) = lines.next() else { break };
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("listening") {
+            addr = line
+                .split("addr=")
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+                .map(str::to_owned);
+        }
+    }
+    let Some(addr) = addr else {
+        panic!("the server never said where it listens:\n{log}");
+    };
+    let drain = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+    (server, addr, log, drain)
+}
+
 fn f32_file(path: &Path, values: &[f32]) {
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     std::fs::write(path, bytes).expect("write");
@@ -74,49 +114,17 @@ fn certs_serve_call_and_stop_from_the_command_line() {
     let bob = quasar(&["certs", "client", "--pki", pki_s, "--name", "bob"]);
     assert!(bob.status.success(), "{}", text(&bob));
 
-    let server = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--cert",
-            pki.join("server.pem").to_str().expect("path"),
-            "--key",
-            pki.join("server.key").to_str().expect("path"),
-            "--client-ca",
-            pki.join("ca.pem").to_str().expect("path"),
-        ])
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn server");
-    let mut server = KillOnDrop(server);
-    // The server logs its address once it is listening: no sleeping.
-    let stderr = server.0.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let mut addr = None;
-    let mut log = String::new();
-    let started = Instant::now();
-    while addr.is_none() && started.elapsed() < Duration::from_secs(60) {
-        let Some(Ok(line)) = lines.next() else { break };
-        log.push_str(&line);
-        log.push('\n');
-        if line.contains("listening") {
-            addr = line
-                .split("addr=")
-                .nth(1)
-                .and_then(|s| s.split_whitespace().next())
-                .map(str::to_owned);
-        }
-    }
-    let Some(addr) = addr else {
-        panic!("the server never said where it listens:\n{log}");
-    };
+    let (mut server, addr, log, drain) = spawn_serve(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--cert",
+        pki.join("server.pem").to_str().expect("path"),
+        "--key",
+        pki.join("server.key").to_str().expect("path"),
+        "--client-ca",
+        pki.join("ca.pem").to_str().expect("path"),
+    ]);
     assert!(log.contains("kernel loaded"), "{log}");
-    // Keep draining the log so the server never blocks on a full pipe.
-    let drain = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
 
     let y = dir.path().join("y.f32");
     let out_file = dir.path().join("out.f32");
@@ -200,4 +208,83 @@ fn demo_checks_every_kernel() {
         assert!(t.contains(k.name), "{} missing from:\n{t}", k.name);
     }
     assert!(t.contains("Every result matched"), "{t}");
+}
+
+#[test]
+fn serve_reads_a_config_file_with_an_access_policy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = dir.path().join("pki");
+    let out = quasar(&[
+        "certs",
+        "init",
+        "--out",
+        pki.to_str().expect("path"),
+        "--server-ip",
+        "127.0.0.1",
+        "--client",
+        "alice",
+        "--client",
+        "bob",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let config = dir.path().join("quasar.toml");
+    // Paths relative to the file; a flag would win over any key.
+    std::fs::write(
+        &config,
+        r#"listen = "127.0.0.1:0"
+cert = "pki/server.pem"
+key = "pki/server.key"
+client_ca = "pki/ca.pem"
+queue_depth = 64
+
+[access]
+default = "deny"
+[[access.rule]]
+identity = "alice"
+kernels = ["add"]
+"#,
+    )
+    .expect("config");
+    let (server, addr, log, drain) = spawn_serve(&["--config", config.to_str().expect("path")]);
+    assert!(log.contains("rules=1"), "{log}");
+    let call = |who: &str| {
+        quasar(&[
+            "call",
+            "--server",
+            &addr,
+            "--ca",
+            pki.join("ca.pem").to_str().expect("path"),
+            "--cert",
+            pki.join(format!("{who}.pem")).to_str().expect("path"),
+            "--key",
+            pki.join(format!("{who}.key")).to_str().expect("path"),
+            "--kernel",
+            "add",
+            "--input",
+            "a=1.0,2",
+            "--input",
+            "b=3.0,4",
+        ])
+    };
+    let alice = call("alice");
+    assert!(alice.status.success(), "{}", text(&alice));
+    assert!(
+        text(&alice).contains("out: f32[2] = [4, 6]"),
+        "{}",
+        text(&alice)
+    );
+    let bob = call("bob");
+    assert!(!bob.status.success());
+    assert!(text(&bob).contains("PERMISSION_DENIED"), "{}", text(&bob));
+    drop(server);
+    let log = drain.join().expect("drain").join("\n");
+    assert!(
+        log.contains("identity=alice") && log.contains("identity=bob"),
+        "access log:\n{log}"
+    );
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(&broken, "listen = 5\nnot_a_setting = true\n").expect("write");
+    let bad = quasar(&["serve", "--config", broken.to_str().expect("path")]);
+    assert!(!bad.status.success());
+    assert!(text(&bad).contains("parsing"), "{}", text(&bad));
 }

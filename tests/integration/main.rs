@@ -7,6 +7,7 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // Tests fail loudly by design.
 
+mod access;
 mod bench;
 mod cli;
 mod concurrency;

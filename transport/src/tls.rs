@@ -14,7 +14,7 @@ use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use thiserror::Error;
 
 use crate::ALPN;
@@ -137,8 +137,22 @@ pub fn roots_from_pem(pem: &[u8]) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
+/// Parses every certificate revocation list in a PEM document.
+///
+/// # Errors
+/// [`TlsError::Pem`].
+pub fn crls_from_pem(pem: &[u8]) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    CertificateRevocationListDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::Pem {
+            what: "CRL",
+            source,
+        })
+}
+
 /// The server's rustls configuration: TLS 1.3 only, ALPN `quasar/1`, client
-/// certificates required and verified against `client_ca`.
+/// certificates required and verified against `client_ca`, and refused if
+/// revoked by one of `crls`.
 ///
 /// # Errors
 /// [`TlsError`] if the key does not match the certificate or the CA is empty.
@@ -146,10 +160,12 @@ pub fn server_crypto(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     client_ca: RootCertStore,
+    crls: Vec<CertificateRevocationListDer<'static>>,
 ) -> Result<rustls::ServerConfig, TlsError> {
     let provider = provider();
     let verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(client_ca), provider.clone())
+            .with_crls(crls)
             .build()?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?

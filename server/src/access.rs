@@ -1,0 +1,201 @@
+//! Who is calling, and what they may call.
+//!
+//! A client's identity is what its certificate names: its DNS subject
+//! alternative names, its URI SANs (SPIFFE IDs such as
+//! `spiffe://example.org/ns/team-a/sa/trainer`), and, when it has neither,
+//! its subject common name. The certificate chain has already been verified
+//! by rustls against the client CA (and CRLs) when these are read.
+//!
+//! The [`Policy`] grants kernels to identities. A rule matches an identity
+//! exactly, or by prefix when its pattern ends in `*`; kernel patterns work
+//! the same way, and `*` alone matches everything. An identity that matches
+//! at least one rule may call exactly the kernels those rules grant; an
+//! identity that matches none gets the default.
+
+use serde::Deserialize;
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+/// The names a client's certificate gives it, most specific first.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Identity {
+    names: Vec<String>,
+}
+
+impl Identity {
+    /// Reads the identity of the end-entity certificate `der`.
+    pub fn from_cert(der: &[u8]) -> Self {
+        let Ok((_, cert)) = X509Certificate::from_der(der) else {
+            return Self::default();
+        };
+        let mut names = Vec::new();
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::URI(uri) => names.push((*uri).to_owned()),
+                    GeneralName::DNSName(dns) => names.push((*dns).to_owned()),
+                    _ => {}
+                }
+            }
+        }
+        if names.is_empty()
+            && let Some(cn) = cert.subject().iter_common_name().next()
+            && let Ok(cn) = cn.as_str()
+        {
+            names.push(cn.to_owned());
+        }
+        Self { names }
+    }
+
+    /// The identity of a connection's peer (its first certificate).
+    pub fn of_connection(conn: &quinn::Connection) -> Self {
+        conn.peer_identity()
+            .and_then(|any| {
+                any.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
+            .and_then(|chain| chain.first().map(|c| Self::from_cert(c)))
+            .unwrap_or_default()
+    }
+
+    /// Every name.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.names.is_empty() {
+            f.write_str("(anonymous)")
+        } else {
+            f.write_str(&self.names.join(","))
+        }
+    }
+}
+
+/// What an identity that matches no rule may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultAccess {
+    /// Call any kernel.
+    #[default]
+    Allow,
+    /// Call nothing.
+    Deny,
+}
+
+/// One grant: identities matching `identity` may call `kernels`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// An identity, or a prefix ending in `*`.
+    pub identity: String,
+    /// Kernel names or prefixes ending in `*`; `*` for all.
+    pub kernels: Vec<String>,
+}
+
+/// The access policy (`[access]` in the server's config file).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// For identities that match no rule.
+    #[serde(default)]
+    pub default: DefaultAccess,
+    /// The grants.
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<Rule>,
+}
+
+fn matches(pattern: &str, value: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => value.starts_with(prefix),
+        None => pattern == value,
+    }
+}
+
+impl Policy {
+    /// A policy that lets every authenticated client call every kernel.
+    pub fn allow_all() -> Self {
+        Self::default()
+    }
+
+    /// May `who` call `kernel`?
+    pub fn allows(&self, who: &Identity, kernel: &str) -> bool {
+        let mut matched = false;
+        for rule in &self.rules {
+            if who.names.iter().any(|n| matches(&rule.identity, n)) {
+                matched = true;
+                if rule.kernels.iter().any(|k| matches(k, kernel)) {
+                    return true;
+                }
+            }
+        }
+        !matched && self.default == DefaultAccess::Allow
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn who(names: &[&str]) -> Identity {
+        Identity {
+            names: names.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn rules_grant_and_default_applies_to_the_unmatched() {
+        let p: Policy = toml::from_str(
+            r#"
+            default = "deny"
+            [[rule]]
+            identity = "alice"
+            kernels = ["saxpy", "matmul"]
+            [[rule]]
+            identity = "spiffe://example.org/ns/team-a/*"
+            kernels = ["*"]
+            "#,
+        )
+        .expect("policy");
+        assert!(p.allows(&who(&["alice"]), "saxpy"));
+        assert!(!p.allows(&who(&["alice"]), "histogram"));
+        assert!(p.allows(
+            &who(&["spiffe://example.org/ns/team-a/sa/trainer"]),
+            "histogram"
+        ));
+        assert!(!p.allows(&who(&["spiffe://example.org/ns/team-b/sa/x"]), "saxpy"));
+        assert!(!p.allows(&who(&["bob"]), "saxpy"));
+        assert!(!p.allows(&Identity::default(), "saxpy"));
+
+        let open: Policy = toml::from_str(
+            r#"
+            [[rule]]
+            identity = "intern"
+            kernels = ["add"]
+            "#,
+        )
+        .expect("policy");
+        assert!(open.allows(&who(&["bob"]), "matmul"), "default is allow");
+        assert!(
+            !open.allows(&who(&["intern"]), "matmul"),
+            "a matched identity gets only its grants"
+        );
+        assert!(
+            toml::from_str::<Policy>("defualt = 'deny'").is_err(),
+            "typos are errors"
+        );
+    }
+
+    #[test]
+    fn identity_comes_from_sans() {
+        let ca = rcgen::CertificateParams::new(vec!["alice".to_owned()]).expect("params");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = ca.self_signed(&key).expect("cert");
+        assert_eq!(
+            Identity::from_cert(cert.der()).names(),
+            &["alice".to_owned()]
+        );
+        assert!(Identity::from_cert(b"junk").names().is_empty());
+    }
+}
