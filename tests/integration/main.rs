@@ -11,6 +11,7 @@ mod access;
 mod bench;
 mod cli;
 mod concurrency;
+mod deadlines;
 mod kernels;
 mod malformed;
 mod support;

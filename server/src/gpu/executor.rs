@@ -173,6 +173,8 @@ pub struct ExecutorStats {
     pub calls: AtomicU64,
     /// Calls dropped because their caller had gone away.
     pub cancelled: AtomicU64,
+    /// Calls dropped because their deadline passed while queued.
+    pub expired: AtomicU64,
     /// GPU buffers created.
     pub buffers_created: AtomicU64,
     /// GPU buffer acquisitions served by the pool.
@@ -409,6 +411,7 @@ impl Worker {
                 continue;
             }
             if job.deadline.is_some_and(|d| started >= d) {
+                self.stats.expired.fetch_add(1, Ordering::Relaxed);
                 let _ = job.reply.send(Err(ExecError::DeadlineExceeded));
                 continue;
             }
