@@ -50,6 +50,18 @@ impl EmbeddedServer {
     /// (no GPU adapter, say).
     pub async fn start(configure: impl FnOnce(&mut ServerConfig)) -> Result<Self, EmbeddedError> {
         let ca = CertificateAuthority::generate("Quasar embedded CA")?;
+        Self::start_with_ca(Arc::new(ca), configure).await
+    }
+
+    /// As [`EmbeddedServer::start`], with a given CA: a server restarted with
+    /// the same CA is trusted by the clients of the first one.
+    ///
+    /// # Errors
+    /// As [`EmbeddedServer::start`].
+    pub async fn start_with_ca(
+        ca: Arc<CertificateAuthority>,
+        configure: impl FnOnce(&mut ServerConfig),
+    ) -> Result<Self, EmbeddedError> {
         let server_id = ca.issue_server(
             &[SERVER_NAME.to_owned()],
             &[Ipv4Addr::LOCALHOST.into()],
@@ -75,7 +87,7 @@ impl EmbeddedServer {
         let task = tokio::spawn(server.serve_until(async move { token.cancelled().await }));
         Ok(Self {
             addr,
-            ca: Arc::new(ca),
+            ca,
             adapter,
             kernels,
             stats,
@@ -105,7 +117,7 @@ impl EmbeddedServer {
     }
 
     /// The CA, to issue more certificates (expired ones, say).
-    pub fn ca(&self) -> &CertificateAuthority {
+    pub fn ca(&self) -> &Arc<CertificateAuthority> {
         &self.ca
     }
 

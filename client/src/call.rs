@@ -1,6 +1,7 @@
 //! What a call sends ([`Call`]) and what it gets back ([`Response`]).
 
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::Duration;
 
 use quasar_transport::wire::{ArchivedResponseHeader, PayloadLayout};
@@ -30,6 +31,9 @@ impl Element for i32 {
     const ELEM: ElemType = ElemType::I32;
 }
 
+/// A request header and the input buffers' bytes, in payload order.
+pub type RequestParts = (RequestHeader, Vec<Arc<[u8]>>);
+
 /// A call to a kernel: its name, scalar arguments and input buffers.
 ///
 /// Built with chained methods and run with [`crate::Client::execute`].
@@ -40,9 +44,11 @@ impl Element for i32 {
 pub struct Call {
     kernel: String,
     args: Vec<NamedScalar>,
-    buffers: Vec<(BufferDesc, Vec<u8>)>,
+    // Shared, so retries and clones of a call copy no payload.
+    buffers: Vec<(BufferDesc, Arc<[u8]>)>,
     pub(crate) deadline: Option<Duration>,
     workgroups: Option<[u32; 3]>,
+    pub(crate) retryable: bool,
 }
 
 impl Call {
@@ -54,7 +60,16 @@ impl Call {
             buffers: Vec::new(),
             deadline: None,
             workgroups: None,
+            retryable: true,
         }
+    }
+
+    /// Whether the SDK may retry this call after a lost connection or an
+    /// UNAVAILABLE answer (default: yes; kernels are pure). Turn it off for
+    /// a kernel whose effects must not be repeated.
+    pub fn retryable(mut self, retryable: bool) -> Self {
+        self.retryable = retryable;
+        self
     }
 
     /// Adds a scalar argument (`f32`, `u32` or `i32`).
@@ -74,7 +89,7 @@ impl Call {
                 elem: T::ELEM,
                 len: data.len() as u64,
             },
-            bytemuck::cast_slice(data).to_vec(),
+            Arc::from(bytemuck::cast_slice::<T, u8>(data)),
         ));
         self
     }
@@ -89,13 +104,14 @@ impl Call {
                 elem,
                 len: (bytes.len() / elem.size()) as u64,
             },
-            bytes,
+            Arc::from(bytes),
         ));
         self
     }
 
-    /// Gives up after `timeout`: the server does not start the call later
-    /// than that (DEADLINE_EXCEEDED), and the client stops waiting then too.
+    /// Gives up after `timeout`, retries included: the server does not start
+    /// the call later than that (DEADLINE_EXCEEDED), and the client stops
+    /// waiting then too.
     pub fn deadline(mut self, timeout: Duration) -> Self {
         self.deadline = Some(timeout);
         self
@@ -120,7 +136,7 @@ impl Call {
     /// # Errors
     /// [`CallError::InvalidCall`] if a buffer is not a whole number of
     /// elements.
-    pub fn into_request(self) -> Result<(RequestHeader, Vec<Vec<u8>>), CallError> {
+    pub fn into_request(self) -> Result<RequestParts, CallError> {
         let mut descs = Vec::with_capacity(self.buffers.len());
         let mut bytes = Vec::with_capacity(self.buffers.len());
         for (desc, data) in self.buffers {

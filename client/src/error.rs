@@ -83,6 +83,18 @@ pub enum CallError {
     /// The call's deadline passed on the client's clock.
     #[error("no response within the deadline of {0:?}")]
     DeadlineExceeded(Duration),
+    /// One attempt took longer than the retry policy's per-try timeout.
+    #[error("no response within the per-try timeout of {0:?}")]
+    AttemptTimeout(Duration),
+    /// The connection was lost and could not be re-established.
+    #[error("connection lost ({lost}) and reconnecting failed: {source}")]
+    Reconnect {
+        /// Why the old connection closed (a server shutdown, say).
+        lost: quinn::ConnectionError,
+        /// Why the new one could not be made.
+        #[source]
+        source: ConnectError,
+    },
 }
 
 impl CallError {
@@ -92,10 +104,28 @@ impl CallError {
         match self {
             Self::Status { code, .. } => *code,
             Self::InvalidCall(_) => StatusCode::InvalidArgument,
-            Self::DeadlineExceeded(_) => StatusCode::DeadlineExceeded,
+            Self::DeadlineExceeded(_) | Self::AttemptTimeout(_) => StatusCode::DeadlineExceeded,
             Self::Protocol(_) => StatusCode::Internal,
-            Self::Connection(_) | Self::Send(_) | Self::Receive(_) => StatusCode::Unavailable,
+            Self::Connection(_) | Self::Send(_) | Self::Receive(_) | Self::Reconnect { .. } => {
+                StatusCode::Unavailable
+            }
         }
+    }
+
+    /// True if trying again may succeed: the connection or stream failed,
+    /// the server answered UNAVAILABLE (shutting down, say), or an attempt
+    /// timed out. Calls are pure, so retrying them is safe unless a call is
+    /// marked otherwise.
+    pub fn is_retryable(&self) -> bool {
+        self.is_transport()
+            || matches!(
+                self,
+                Self::Status {
+                    code: StatusCode::Unavailable,
+                    ..
+                } | Self::AttemptTimeout(_)
+                    | Self::Reconnect { .. }
+            )
     }
 
     /// True if the connection or stream failed, as opposed to the server

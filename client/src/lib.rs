@@ -83,6 +83,51 @@ pub struct ClientConfig {
     pub limits: Limits,
     /// How long the handshake may take.
     pub connect_timeout: Duration,
+    /// When and how calls are retried (and the connection re-established).
+    pub retry: RetryPolicy,
+}
+
+/// When and how calls are retried.
+///
+/// A call is tried again when the connection or its stream failed, or the
+/// server answered UNAVAILABLE, or an attempt outlived `per_try_timeout`;
+/// never after any other answer, and never if the call is marked
+/// [`Call::retryable`]`(false)`. A lost connection is re-established before
+/// the next attempt. Attempts are spaced by exponential backoff with full
+/// jitter (a random wait up to the current backoff, which doubles from
+/// `initial_backoff` to `max_backoff`), and all of them together stay within
+/// the call's own deadline, if it has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (1: no retries).
+    pub max_attempts: u32,
+    /// Longest one attempt may take.
+    pub per_try_timeout: Option<Duration>,
+    /// Backoff before the first retry.
+    pub initial_backoff: Duration,
+    /// Largest backoff.
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 4,
+            per_try_timeout: None,
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(2),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// No retries: every call gets exactly one attempt.
+    pub fn never() -> Self {
+        Self {
+            max_attempts: 1,
+            ..Self::default()
+        }
+    }
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -116,6 +161,7 @@ impl ClientConfig {
             },
             limits: Limits::default(),
             connect_timeout: Duration::from_secs(10),
+            retry: RetryPolicy::default(),
         }
     }
 
@@ -156,8 +202,15 @@ pub struct Client {
 #[derive(Debug)]
 struct Inner {
     endpoint: quinn::Endpoint,
-    conn: quinn::Connection,
+    /// The current connection, replaced when it is lost.
+    conn: std::sync::Mutex<quinn::Connection>,
+    /// Held while reconnecting, so concurrent calls reconnect once.
+    reconnecting: tokio::sync::Mutex<()>,
+    server: SocketAddr,
+    server_name: String,
+    connect_timeout: Duration,
     limits: Limits,
+    retry: RetryPolicy,
 }
 
 impl Client {
@@ -186,22 +239,60 @@ impl Client {
             quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
                 .map_err(ConnectError::Bind)?;
         endpoint.set_default_client_config(quic);
-        let connecting = endpoint.connect(config.server, &config.server_name)?;
-        let conn = tokio::time::timeout(config.connect_timeout, connecting)
-            .await
-            .map_err(|_| ConnectError::Timeout(config.connect_timeout))??;
+        let conn = dial(
+            &endpoint,
+            config.server,
+            &config.server_name,
+            config.connect_timeout,
+        )
+        .await?;
         Ok(Self {
             inner: Arc::new(Inner {
                 endpoint,
-                conn,
+                conn: std::sync::Mutex::new(conn),
+                reconnecting: tokio::sync::Mutex::new(()),
+                server: config.server,
+                server_name: config.server_name,
+                connect_timeout: config.connect_timeout,
                 limits: config.limits,
+                retry: config.retry,
             }),
         })
     }
 
     /// The server's address.
     pub fn remote_address(&self) -> SocketAddr {
-        self.inner.conn.remote_address()
+        self.inner.server
+    }
+
+    fn current(&self) -> quinn::Connection {
+        match self.inner.conn.lock() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The connection, re-established first if it was lost.
+    async fn connection(&self) -> Result<quinn::Connection, CallError> {
+        let conn = self.current();
+        if conn.close_reason().is_none() {
+            return Ok(conn);
+        }
+        let _one_at_a_time = self.inner.reconnecting.lock().await;
+        let conn = self.current();
+        let Some(lost) = conn.close_reason() else {
+            return Ok(conn);
+        };
+        let i = &self.inner;
+        let fresh = dial(&i.endpoint, i.server, &i.server_name, i.connect_timeout)
+            .await
+            .map_err(|source| CallError::Reconnect { lost, source })?;
+        tracing::debug!(server = %i.server, "reconnected");
+        match i.conn.lock() {
+            Ok(mut c) => *c = fresh.clone(),
+            Err(poisoned) => *poisoned.into_inner() = fresh.clone(),
+        }
+        Ok(fresh)
     }
 
     /// Runs a call and waits for its outputs.
@@ -214,14 +305,54 @@ impl Client {
     /// [`CallError`]; see the crate docs.
     pub async fn execute(&self, call: Call) -> Result<Response, CallError> {
         match call.deadline {
-            Some(limit) => tokio::time::timeout(limit, self.execute_inner(call))
+            Some(limit) => tokio::time::timeout(limit, self.with_retries(call))
                 .await
                 .map_err(|_| CallError::DeadlineExceeded(limit))?,
-            None => self.execute_inner(call).await,
+            None => self.with_retries(call).await,
         }
     }
 
-    async fn execute_inner(&self, call: Call) -> Result<Response, CallError> {
+    /// Attempts under the retry policy; every call ends with exactly one
+    /// outcome, the last attempt's.
+    async fn with_retries(&self, call: Call) -> Result<Response, CallError> {
+        let policy = &self.inner.retry;
+        let attempts = if call.retryable {
+            policy.max_attempts.max(1)
+        } else {
+            1
+        };
+        let mut backoff = policy.initial_backoff;
+        let mut attempt = 1;
+        loop {
+            let result = match self.connection().await {
+                Ok(conn) => {
+                    let once = self.execute_on(&conn, call.clone());
+                    match policy.per_try_timeout {
+                        Some(t) => tokio::time::timeout(t, once)
+                            .await
+                            .unwrap_or(Err(CallError::AttemptTimeout(t))),
+                        None => once.await,
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(e) if attempt < attempts && e.is_retryable() => {
+                    tracing::debug!(attempt, error = %e, "retrying");
+                    tokio::time::sleep(jitter(backoff)).await;
+                    backoff = (backoff * 2).min(policy.max_backoff);
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn execute_on(
+        &self,
+        conn: &quinn::Connection,
+        call: Call,
+    ) -> Result<Response, CallError> {
         let started = Instant::now();
         let limits = &self.inner.limits;
         let (header, buffers) = call.into_request()?;
@@ -250,7 +381,7 @@ impl Client {
         }
         let encoded = started.elapsed();
 
-        let (send, recv) = self.inner.conn.open_bi().await?;
+        let (send, recv) = conn.open_bi().await?;
         let mut stream = CallStream {
             send,
             recv,
@@ -312,11 +443,29 @@ impl Client {
     /// Closes the connection (calls in flight fail) and waits until the
     /// server has been told.
     pub async fn close(&self) {
-        self.inner
-            .conn
+        self.current()
             .close(CloseCode::ClientDone.varint(), b"client closed");
         self.inner.endpoint.wait_idle().await;
     }
+}
+
+/// Connects and completes the handshake within `timeout`.
+async fn dial(
+    endpoint: &quinn::Endpoint,
+    server: SocketAddr,
+    server_name: &str,
+    timeout: Duration,
+) -> Result<quinn::Connection, ConnectError> {
+    let connecting = endpoint.connect(server, server_name)?;
+    Ok(tokio::time::timeout(timeout, connecting)
+        .await
+        .map_err(|_| ConnectError::Timeout(timeout))??)
+}
+
+/// A random wait up to `max` ("full jitter"), so clients that lost the same
+/// server do not come back in step.
+fn jitter(max: Duration) -> Duration {
+    max.mul_f64(rand::random::<f64>())
 }
 
 /// A lost connection is reported as such, with its reason (a refused

@@ -25,7 +25,8 @@ use quasar_transport::frame::FrameKind;
 use quasar_transport::io::{read_aligned, read_frame, write_frame};
 use quasar_transport::wire::{access_request, encode_response};
 use quasar_transport::{
-    BufferDesc, FrameError, ReadFrameError, ResponseHeader, StatusCode, StreamCode, Timings,
+    BufferDesc, CloseCode, FrameError, ReadFrameError, ResponseHeader, StatusCode, StreamCode,
+    Timings,
 };
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -41,7 +42,6 @@ use crate::kernel::plan::plan;
 pub(crate) async fn connection(
     incoming: quinn::Incoming,
     shared: Arc<Shared>,
-    tracker: TaskTracker,
     cancel: CancellationToken,
 ) {
     let remote = incoming.remote_address();
@@ -54,13 +54,16 @@ pub(crate) async fn connection(
     };
     let identity = Arc::new(Identity::of_connection(&conn));
     tracing::info!(%remote, %identity, "connection established");
+    // This connection's calls: on shutdown the connection stays open until
+    // they have answered (dropping the last handle would close it at once).
+    let calls = TaskTracker::new();
     loop {
         tokio::select! {
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
                     let shared = shared.clone();
                     let identity = identity.clone();
-                    tracker.spawn(async move { call(send, recv, &shared, &identity).await });
+                    calls.spawn(async move { call(send, recv, &shared, &identity).await });
                 }
                 Err(e) => {
                     tracing::info!(%remote, reason = %e, "connection closed");
@@ -69,6 +72,12 @@ pub(crate) async fn connection(
             },
             () = cancel.cancelled() => break,
         }
+    }
+    calls.close();
+    calls.wait().await;
+    if cancel.is_cancelled() {
+        // Say why, rather than the implicit close of a dropped connection.
+        conn.close(CloseCode::ServerShutdown.varint(), b"server shutting down");
     }
 }
 
@@ -193,6 +202,11 @@ async fn call(
                 total_us = header.timings.total_us,
                 "call done"
             );
+            // Release the call's memory now, then keep the stream until the
+            // client has acknowledged the whole reply: a connection closed
+            // by shutdown (or its last handle dropped) discards unsent data.
+            drop(outcome);
+            let _ = tokio::time::timeout(shared.request_timeout, send.stopped()).await;
         }
         Ok(Err(e)) => tracing::debug!(error = %e, "writing a reply"),
         Err(_) => {

@@ -254,10 +254,9 @@ impl Server {
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
                     let shared = self.shared.clone();
-                    let conn_tracker = tracker.clone();
                     let cancel = cancel.clone();
                     tracker.spawn(async move {
-                        handler::connection(incoming, shared, conn_tracker, cancel).await;
+                        handler::connection(incoming, shared, cancel).await;
                     });
                 }
                 () = &mut shutdown => break,

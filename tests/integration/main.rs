@@ -14,5 +14,6 @@ mod concurrency;
 mod deadlines;
 mod kernels;
 mod malformed;
+mod restart;
 mod support;
 mod tls;

@@ -1,0 +1,102 @@
+//! Graceful shutdown and restarts: calls in flight finish, a client whose
+//! server went away is told so with the documented close code, and the SDK
+//! reconnects to the restarted server and retries on its own.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quasar::embedded::EmbeddedServer;
+use quasar_certs::CertificateAuthority;
+use quasar_client::{Call, Client, RetryPolicy, StatusCode};
+
+fn add() -> Call {
+    Call::new("add")
+        .input("a", &[1.0f32, 2.0])
+        .input("b", &[10.0f32, 20.0])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_calls_finish_and_clients_reconnect_to_a_restarted_server() {
+    let ca = Arc::new(CertificateAuthority::generate("restart CA").expect("ca"));
+    let first = EmbeddedServer::start_with_ca(ca.clone(), |_| {})
+        .await
+        .expect("first server");
+    let addr = first.addr();
+    let client = Client::connect(first.client_config("retrying").expect("cert"))
+        .await
+        .expect("connect");
+    let mut once = first.client_config("once").expect("cert");
+    once.retry = RetryPolicy::never();
+    once.connect_timeout = Duration::from_millis(300);
+    let once = Client::connect(once).await.expect("connect");
+
+    // A call big enough to still be running when shutdown starts.
+    let x = vec![1.0f32; 1 << 22];
+    let y = vec![2.0f32; 1 << 22];
+    let big = Call::new("saxpy")
+        .arg("a", 3.0f32)
+        .input("x", &x)
+        .input("y", &y);
+    let in_flight = {
+        let c = client.clone();
+        tokio::spawn(async move { c.execute(big).await })
+    };
+    // Wait until the server has the call (its upload alone takes a while).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    first.stop().await;
+    let done = in_flight
+        .await
+        .expect("join")
+        .expect("the in-flight call completes");
+    assert!(
+        done.output::<f32>("y")
+            .expect("y")
+            .iter()
+            .all(|v| *v == 5.0)
+    );
+
+    // Stopped: a client that does not retry is told why.
+    let e = once.execute(add()).await.expect_err("the server is gone");
+    assert_eq!(e.code(), StatusCode::Unavailable, "{e}");
+    assert!(e.to_string().contains("server shutting down"), "{e}");
+
+    // Restarted on the same address with the same CA: the SDK reconnects
+    // and the retried call succeeds.
+    let second = EmbeddedServer::start_with_ca(ca, |c| c.listen = addr)
+        .await
+        .expect("second server");
+    let r = client
+        .execute(add())
+        .await
+        .expect("retried after reconnecting");
+    assert_eq!(r.output::<f32>("out").expect("out"), &[11.0, 22.0]);
+    client.close().await;
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn retries_give_up_with_the_last_error_and_respect_non_retryable_calls() {
+    let server = EmbeddedServer::start(|_| {}).await.expect("server");
+    let mut config = server.client_config("c").expect("cert");
+    config.retry = RetryPolicy {
+        max_attempts: 3,
+        initial_backoff: Duration::from_millis(1),
+        ..RetryPolicy::default()
+    };
+    config.connect_timeout = Duration::from_millis(300);
+    let client = Client::connect(config).await.expect("connect");
+    server.stop().await;
+    // Nobody answers: every attempt fails, the call ends with one error.
+    let e = client.execute(add()).await.expect_err("no server");
+    assert!(
+        e.is_retryable() && e.code() == StatusCode::Unavailable,
+        "{e}"
+    );
+    let e = client
+        .execute(add().retryable(false))
+        .await
+        .expect_err("no server");
+    assert_eq!(e.code(), StatusCode::Unavailable, "{e}");
+    // Server answers other than UNAVAILABLE are never retried.
+    assert!(!quasar_client::CallError::InvalidCall("x".into()).is_retryable());
+}
