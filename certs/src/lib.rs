@@ -407,6 +407,20 @@ impl PkiDir {
             targets.push(self.client_key(c));
         }
         refuse_existing(&targets, force)?;
+        // A new CA invalidates the old CRL: a server given it would refuse
+        // every client of the new CA.
+        for stale in [self.crl(), self.revoked()] {
+            match fs::remove_file(&stale) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(CertError::Io {
+                        path: stale,
+                        source,
+                    });
+                }
+            }
+        }
 
         let ca = CertificateAuthority::generate("Quasar CA")?;
         let server = ca.issue_server(dns_names, ips, Validity::default())?;
@@ -483,17 +497,25 @@ impl PkiDir {
         if !serials.contains(&serial) {
             serials.push(serial);
         }
-        let bytes: Vec<Vec<u8>> = serials
-            .iter()
-            .map(|h| {
-                (0..h.len())
-                    .step_by(2)
-                    .filter_map(|i| h.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
-                    .collect()
-            })
-            .collect();
+        let mut bytes: Vec<Vec<u8>> = Vec::with_capacity(serials.len());
+        for h in &serials {
+            let parsed: Option<Vec<u8>> = (h.len() % 2 == 0)
+                .then(|| {
+                    (0..h.len())
+                        .step_by(2)
+                        .map(|i| h.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+                        .collect()
+                })
+                .flatten();
+            bytes.push(parsed.ok_or_else(|| CertError::BadCertificate {
+                path: self.revoked(),
+                detail: format!("`{h}` is not a hex serial number"),
+            })?);
+        }
         let ca = self.load_ca()?;
-        let crl = ca.crl(&bytes, serials.len() as u64, 30)?;
+        // CRL numbers must grow; the time in seconds does, across runs.
+        let number = u64::try_from(OffsetDateTime::now_utc().unix_timestamp()).unwrap_or(1);
+        let crl = ca.crl(&bytes, number, 30)?;
         write_file(&self.revoked(), &(serials.join("\n") + "\n"), false)?;
         write_file(&self.crl(), &crl, false)?;
         Ok(self.crl())

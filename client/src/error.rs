@@ -117,15 +117,15 @@ impl CallError {
     /// timed out. Calls are pure, so retrying them is safe unless a call is
     /// marked otherwise.
     pub fn is_retryable(&self) -> bool {
-        self.is_transport()
-            || matches!(
-                self,
-                Self::Status {
-                    code: StatusCode::Unavailable,
-                    ..
-                } | Self::AttemptTimeout(_)
-                    | Self::Reconnect { .. }
-            )
+        match self {
+            // This client closed the connection itself: nothing to retry.
+            Self::Connection(quinn::ConnectionError::LocallyClosed) => false,
+            Self::Connection(_) | Self::AttemptTimeout(_) | Self::Reconnect { .. } => true,
+            Self::Status { code, .. } => *code == StatusCode::Unavailable,
+            // A stream that failed on a live connection (a reply over this
+            // client's limits, a reset) would fail the same way again.
+            _ => false,
+        }
     }
 
     /// True if the connection or stream failed, as opposed to the server

@@ -206,6 +206,8 @@ struct Inner {
     conn: std::sync::Mutex<quinn::Connection>,
     /// Held while reconnecting, so concurrent calls reconnect once.
     reconnecting: tokio::sync::Mutex<()>,
+    /// Set by [`Client::close`]: a closed client never reconnects.
+    closed: std::sync::atomic::AtomicBool,
     server: SocketAddr,
     server_name: String,
     connect_timeout: Duration,
@@ -251,6 +253,7 @@ impl Client {
                 endpoint,
                 conn: std::sync::Mutex::new(conn),
                 reconnecting: tokio::sync::Mutex::new(()),
+                closed: std::sync::atomic::AtomicBool::new(false),
                 server: config.server,
                 server_name: config.server_name,
                 connect_timeout: config.connect_timeout,
@@ -283,6 +286,9 @@ impl Client {
         let Some(lost) = conn.close_reason() else {
             return Ok(conn);
         };
+        if self.inner.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(CallError::Connection(lost));
+        }
         let i = &self.inner;
         let fresh = dial(&i.endpoint, i.server, &i.server_name, i.connect_timeout)
             .await
@@ -323,10 +329,16 @@ impl Client {
         };
         let mut backoff = policy.initial_backoff;
         let mut attempt = 1;
+        let started = Instant::now();
         loop {
+            // Each attempt tells the server only the time the call has left.
+            let mut this = call.clone();
+            if let Some(total) = call.deadline {
+                this.deadline = Some(total.saturating_sub(started.elapsed()));
+            }
             let result = match self.connection().await {
                 Ok(conn) => {
-                    let once = self.execute_on(&conn, call.clone());
+                    let once = self.execute_on(&conn, this);
                     match policy.per_try_timeout {
                         Some(t) => tokio::time::timeout(t, once)
                             .await
@@ -340,7 +352,7 @@ impl Client {
                 Err(e) if attempt < attempts && e.is_retryable() => {
                     tracing::debug!(attempt, error = %e, "retrying");
                     tokio::time::sleep(jitter(backoff)).await;
-                    backoff = (backoff * 2).min(policy.max_backoff);
+                    backoff = backoff.saturating_mul(2).min(policy.max_backoff);
                     attempt += 1;
                 }
                 other => return other,
@@ -443,6 +455,9 @@ impl Client {
     /// Closes the connection (calls in flight fail) and waits until the
     /// server has been told.
     pub async fn close(&self) {
+        self.inner
+            .closed
+            .store(true, std::sync::atomic::Ordering::Release);
         self.current()
             .close(CloseCode::ClientDone.varint(), b"client closed");
         self.inner.endpoint.wait_idle().await;

@@ -106,10 +106,22 @@ pub struct Policy {
     pub rules: Vec<Rule>,
 }
 
+/// DNS names and common names compare case-insensitively (as DNS does);
+/// URIs (SPIFFE IDs) exactly, since their paths are case-sensitive.
 fn matches(pattern: &str, value: &str) -> bool {
+    let fold = !value.contains("://");
+    let eq = |a: &str, b: &str| {
+        if fold {
+            a.eq_ignore_ascii_case(b)
+        } else {
+            a == b
+        }
+    };
     match pattern.strip_suffix('*') {
-        Some(prefix) => value.starts_with(prefix),
-        None => pattern == value,
+        Some(prefix) => value
+            .get(..prefix.len())
+            .is_some_and(|head| eq(head, prefix)),
+        None => eq(pattern, value),
     }
 }
 
@@ -117,6 +129,23 @@ impl Policy {
     /// A policy that lets every authenticated client call every kernel.
     pub fn allow_all() -> Self {
         Self::default()
+    }
+
+    /// Checks the patterns: `*` may only end one.
+    ///
+    /// # Errors
+    /// A message naming the first bad pattern.
+    pub fn validate(&self) -> Result<(), String> {
+        for rule in &self.rules {
+            for p in std::iter::once(&rule.identity).chain(&rule.kernels) {
+                if p.is_empty() || p.trim_end_matches('*').contains('*') || p.ends_with("**") {
+                    return Err(format!(
+                        "access pattern `{p}`: `*` may only end a pattern (a prefix), and patterns cannot be empty"
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// May `who` call `kernel`?
@@ -185,6 +214,24 @@ mod tests {
             toml::from_str::<Policy>("defualt = 'deny'").is_err(),
             "typos are errors"
         );
+    }
+
+    #[test]
+    fn case_and_pattern_rules() {
+        let p: Policy = toml::from_str(
+            "default = 'deny'\n[[rule]]\nidentity = 'alice'\nkernels = ['*']\n[[rule]]\nidentity = 'spiffe://example.org/ns/a/*'\nkernels = ['add']",
+        )
+        .expect("policy");
+        assert!(p.validate().is_ok());
+        assert!(p.allows(&who(&["ALICE"]), "saxpy"), "DNS names ignore case");
+        assert!(p.allows(&who(&["spiffe://example.org/ns/a/x"]), "add"));
+        assert!(
+            !p.allows(&who(&["spiffe://example.org/NS/a/x"]), "add"),
+            "URI paths do not"
+        );
+        let bad: Policy =
+            toml::from_str("[[rule]]\nidentity = 'a*b'\nkernels = ['*']").expect("parse");
+        assert!(bad.validate().is_err());
     }
 
     #[test]

@@ -289,7 +289,10 @@ async fn run(
     if !shared.policy.allows(identity, requested) {
         return Err(Failure::status(
             StatusCode::PermissionDenied,
-            format!("identity `{identity}` may not call kernel `{requested}`"),
+            format!(
+                "identity `{identity}` may not call kernel `{}`",
+                requested.chars().take(64).collect::<String>()
+            ),
             true,
         ));
     }

@@ -168,7 +168,13 @@ impl Server {
         let roots = tls::roots_from_pem(&config.tls.client_ca)?;
         let mut crls = Vec::new();
         for pem in &config.tls.crls {
-            crls.extend(tls::crls_from_pem(pem)?);
+            let found = tls::crls_from_pem(pem)?;
+            // A CRL file with no CRL in it (the CA given by mistake, say)
+            // would silently turn revocation checking off.
+            if found.is_empty() {
+                return Err(ServerError::Tls(TlsError::NoCrl));
+            }
+            crls.extend(found);
         }
         let crypto = tls::server_crypto(chain, key, roots, crls)?;
         let server_config = tls::server_config(crypto, &config.quic)?;

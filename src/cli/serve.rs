@@ -207,6 +207,10 @@ pub async fn config(a: ServeArgs) -> Result<ServerConfig> {
         Duration::from_secs(a.request_timeout_s.or(f.request_timeout_s).unwrap_or(30));
     config.shutdown_grace = Duration::from_secs(a.grace_s.or(f.grace_s).unwrap_or(10));
     config.access_log = a.access_log.or(f.access_log).unwrap_or(true);
+    f.access
+        .validate()
+        .map_err(anyhow::Error::msg)
+        .context("the [access] policy")?;
     config.policy = f.access;
     Ok(config)
 }

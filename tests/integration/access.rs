@@ -155,3 +155,12 @@ async fn a_revoked_certificate_is_refused_at_the_handshake() {
     alice.execute(add()).await.expect("alice is still served");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_crl_file_without_a_crl_is_refused_at_start() {
+    let ca = quasar_certs::CertificateAuthority::generate("ca").expect("ca");
+    let pem = ca.cert_pem().as_bytes().to_vec();
+    let result = EmbeddedServer::start(move |c| c.tls.crls = vec![pem]).await;
+    let err = result.expect_err("a CA given as a CRL must not start a server");
+    assert!(err.to_string().contains("no X509 CRL"), "{err}");
+}

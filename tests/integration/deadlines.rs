@@ -51,7 +51,7 @@ async fn calibrate(client: &quasar_client::Client) -> (u32, Duration) {
         let started = Instant::now();
         client.execute(spin(iters)).await.expect("spin");
         let took = started.elapsed();
-        if took >= Duration::from_millis(100) || iters >= 4096 {
+        if took >= Duration::from_millis(250) || iters >= 16384 {
             return (iters, took);
         }
         iters = iters.saturating_mul(2);

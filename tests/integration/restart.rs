@@ -100,3 +100,16 @@ async fn retries_give_up_with_the_last_error_and_respect_non_retryable_calls() {
     // Server answers other than UNAVAILABLE are never retried.
     assert!(!quasar_client::CallError::InvalidCall("x".into()).is_retryable());
 }
+
+#[tokio::test]
+async fn a_closed_client_stays_closed() {
+    let server = EmbeddedServer::start(|_| {}).await.expect("server");
+    let client = Client::connect(server.client_config("c").expect("cert"))
+        .await
+        .expect("connect");
+    client.execute(add()).await.expect("open");
+    client.close().await;
+    let e = client.execute(add()).await.expect_err("closed");
+    assert!(!e.is_retryable(), "{e}");
+    server.stop().await;
+}

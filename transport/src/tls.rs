@@ -38,6 +38,9 @@ pub enum TlsError {
         /// What was being read.
         what: &'static str,
     },
+    /// A CRL file holds no certificate revocation list.
+    #[error("a --crl file holds no X509 CRL")]
+    NoCrl,
     /// rustls refused the configuration (a key that does not match, say).
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
