@@ -11,10 +11,12 @@ use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::RootCertStore;
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
 use thiserror::Error;
 
 use crate::ALPN;
@@ -170,12 +172,81 @@ pub fn server_crypto(
         WebPkiClientVerifier::builder_with_provider(Arc::new(client_ca), provider.clone())
             .with_crls(crls)
             .build()?;
+    let verifier = Arc::new(Discreet(verifier));
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     Ok(cfg)
+}
+
+/// The WebPKI client verifier, with its refusals stripped of context: a
+/// refused client is told why (expired, not yet valid, unknown issuer,
+/// revoked) but not the server's clock, which rustls puts in the error text
+/// that quinn sends back in the connection close.
+#[derive(Debug)]
+struct Discreet(Arc<dyn ClientCertVerifier>);
+
+fn discreet(e: rustls::Error) -> rustls::Error {
+    use rustls::CertificateError as C;
+    match e {
+        rustls::Error::InvalidCertificate(c) => rustls::Error::InvalidCertificate(match c {
+            C::ExpiredContext { .. } => C::Expired,
+            C::NotValidYetContext { .. } => C::NotValidYet,
+            C::ExpiredRevocationListContext { .. } => C::ExpiredRevocationList,
+            C::NotValidForNameContext { .. } => C::NotValidForName,
+            other => other,
+        }),
+        other => other,
+    }
+}
+
+impl ClientCertVerifier for Discreet {
+    fn offer_client_auth(&self) -> bool {
+        self.0.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.0.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.0
+            .verify_client_cert(end_entity, intermediates, now)
+            .map_err(discreet)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
 }
 
 /// Wraps a server rustls configuration for quinn with the given tuning.
