@@ -14,7 +14,6 @@ use quasar::embedded::EmbeddedServer;
 use quasar_client::{Call, Client};
 use quasar_server::GpuConfig;
 use quasar_server::local::LocalDispatcher;
-use quasar_transport::Payload;
 
 fn loopback(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -35,11 +34,7 @@ fn loopback(c: &mut Criterion) {
         .input("x", &x)
         .input("y", &y);
     let (header, buffers) = call.clone().into_request().expect("request");
-    let mut payload = Payload::new();
-    for b in &buffers {
-        payload.resize(payload.len().div_ceil(16) * 16, 0);
-        payload.extend_from_slice(b);
-    }
+    let payload = quasar_transport::wire::lay_out(&buffers);
 
     let mut group = c.benchmark_group("saxpy_1024");
     group.bench_function("remote_loopback_call", |b| {

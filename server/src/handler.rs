@@ -265,7 +265,10 @@ async fn run(
     let header = access_request(&header_bytes)
         .map_err(|e| Failure::status(StatusCode::InvalidArgument, e.to_string(), true))?;
     let requested = header.kernel.as_str();
-    *kernel_name = Some(requested.chars().take(64).collect());
+    // Kept only for the access log: no allocation per call without it.
+    if shared.access_log {
+        *kernel_name = Some(requested.chars().take(64).collect());
+    }
     let (index, kernel) = shared.registry.get(requested).ok_or_else(|| {
         // Only what this client may call: the list is not an oracle for
         // kernels it cannot use.

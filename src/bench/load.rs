@@ -61,12 +61,7 @@ impl Workload {
     /// The call's own validation error.
     pub fn new(call: Call, down_bytes: u64) -> Result<Self, CallError> {
         let (header, buffers) = call.clone().into_request()?;
-        let mut payload = Payload::new();
-        for b in &buffers {
-            let start = quasar_transport::wire::align_up(payload.len()).unwrap_or(payload.len());
-            payload.resize(start, 0);
-            payload.extend_from_slice(b);
-        }
+        let payload = quasar_transport::wire::lay_out(&buffers);
         Ok(Self {
             call,
             header,

@@ -350,6 +350,20 @@ impl PayloadLayout {
     }
 }
 
+/// Lays `buffers` out as one payload, each at the next multiple of
+/// [`PAYLOAD_ALIGN`] with zero padding: the bytes
+/// [`crate::io::write_frame`] sends, in one buffer (for running a call
+/// in-process).
+pub fn lay_out<B: AsRef<[u8]>>(buffers: &[B]) -> Payload {
+    let mut payload = Payload::new();
+    for b in buffers {
+        let start = align_up(payload.len()).unwrap_or(payload.len());
+        payload.resize(start, 0);
+        payload.extend_from_slice(b.as_ref());
+    }
+    payload
+}
+
 /// Rounds `n` up to a multiple of [`PAYLOAD_ALIGN`], or `None` on overflow.
 pub fn align_up(n: usize) -> Option<usize> {
     n.checked_add(PAYLOAD_ALIGN - 1)
@@ -421,6 +435,18 @@ mod tests {
         assert_eq!(l.total(), 48);
         assert!(l.check_len(48).is_ok());
         assert!(l.check_len(47).is_err());
+    }
+
+    #[test]
+    fn lay_out_matches_the_layout() {
+        let a = [1u8; 12];
+        let b = [2u8; 4];
+        let p = lay_out(&[&a[..], &b[..]]);
+        let l =
+            PayloadLayout::new([("a", ElemType::U32, 3), ("b", ElemType::U32, 1)]).expect("layout");
+        assert_eq!(p.len(), l.total());
+        assert_eq!(&p[l.slots()[1].clone()], &b);
+        assert_eq!(&p[12..16], &[0; 4]);
     }
 
     #[test]
