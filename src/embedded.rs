@@ -6,7 +6,8 @@ use std::sync::Arc;
 use quasar_certs::{CertError, CertificateAuthority, Identity, Validity};
 use quasar_client::ClientConfig;
 use quasar_server::{
-    AdapterSummary, ExecutorStats, KernelInterface, Server, ServerConfig, ServerError, TlsPem,
+    AdapterSummary, ConnectionStats, ExecutorStats, KernelInterface, Reloader, Server,
+    ServerConfig, ServerError, TlsPem,
 };
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
@@ -37,6 +38,8 @@ pub struct EmbeddedServer {
     adapter: AdapterSummary,
     kernels: Vec<KernelInterface>,
     stats: Arc<ExecutorStats>,
+    connections: Arc<ConnectionStats>,
+    reloader: Reloader,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -80,8 +83,10 @@ impl EmbeddedServer {
         let server = Server::bind(config).await?;
         let addr = server.local_addr().map_err(EmbeddedError::Addr)?;
         let adapter = server.adapter().clone();
-        let kernels = server.kernels().to_vec();
+        let kernels = server.kernels();
         let stats = server.stats();
+        let connections = server.connection_stats();
+        let reloader = server.reloader();
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let task = tokio::spawn(server.serve_until(async move { token.cancelled().await }));
@@ -91,6 +96,8 @@ impl EmbeddedServer {
             adapter,
             kernels,
             stats,
+            connections,
+            reloader,
             shutdown,
             task,
         })
@@ -114,6 +121,16 @@ impl EmbeddedServer {
     /// The server's GPU executor counters.
     pub fn stats(&self) -> &Arc<ExecutorStats> {
         &self.stats
+    }
+
+    /// The server's connection counters.
+    pub fn connection_stats(&self) -> &Arc<ConnectionStats> {
+        &self.connections
+    }
+
+    /// Reloads certificates, policy and kernels, and injects GPU faults.
+    pub fn reloader(&self) -> &Reloader {
+        &self.reloader
     }
 
     /// The CA, to issue more certificates (expired ones, say).

@@ -14,11 +14,13 @@
 //! [`StreamCode::RequestTimeout`] on both halves, and a reply the client does
 //! not read within the same time with [`StreamCode::ResponseTimeout`].
 //!
-//! The call's reservation of the in-flight byte budget travels with its
-//! bytes: into the GPU job, then into the job's output, so it is released
-//! only when neither the request nor the response is held any more.
+//! The call's reservations of the in-flight byte budgets (its connection's
+//! and the server's) travel with its bytes: into the GPU job, then into the
+//! job's output, so they are released only when neither the request nor the
+//! response is held any more.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use quasar_transport::frame::FrameKind;
@@ -28,32 +30,65 @@ use quasar_transport::{
     BufferDesc, CloseCode, FrameError, ReadFrameError, ResponseHeader, StatusCode, StreamCode,
     Timings,
 };
-use tokio::sync::oneshot;
+use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::Shared;
 use crate::access::Identity;
+use crate::admission::{Admission, Slot};
 use crate::gpu::executor::{Job, JobOutput, SubmitError};
 use crate::kernel::plan::plan;
 
-/// Serves one connection: completes the handshake, then spawns a task per
-/// incoming stream until the connection closes or the server shuts down.
+/// What one connection's calls share.
+struct Conn {
+    identity: Identity,
+    /// Numbers the connection for the GPU queue's fair turns.
+    id: u64,
+    /// The connection's in-flight byte budget, in KiB.
+    budget: Arc<Semaphore>,
+}
+
+/// Serves one admitted connection: completes the handshake (within the
+/// handshake timeout), then spawns a task per incoming stream until the
+/// connection closes or the server shuts down. `slot` holds the
+/// connection's place in the admission counts until it ends.
 pub(crate) async fn connection(
     incoming: quinn::Incoming,
+    mut slot: Slot,
+    admission: &Admission,
     shared: Arc<Shared>,
     cancel: CancellationToken,
 ) {
     let remote = incoming.remote_address();
-    let conn = match incoming.await {
-        Ok(c) => c,
-        Err(e) => {
+    let stats = admission.stats();
+    let handshake = async {
+        match incoming.accept() {
+            Ok(connecting) => connecting.await,
+            Err(e) => Err(e),
+        }
+    };
+    let conn = match tokio::time::timeout(admission.handshake_timeout(), handshake).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
             tracing::info!(%remote, error = %e, "handshake failed");
             return;
         }
+        Err(_) => {
+            // Dropping the handshake future abandons the attempt.
+            stats.handshakes_timed_out.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%remote, "handshake timed out");
+            return;
+        }
     };
-    let identity = Arc::new(Identity::of_connection(&conn));
-    tracing::info!(%remote, %identity, "connection established");
+    slot.established();
+    let conn_state = Arc::new(Conn {
+        identity: Identity::of_connection(&conn),
+        id: shared.next_connection.fetch_add(1, Ordering::Relaxed),
+        budget: Arc::new(Semaphore::new(shared.connection_budget_kib as usize)),
+    });
+    tracing::info!(%remote, identity = %conn_state.identity, "connection established");
     // This connection's calls: on shutdown the connection stays open until
     // they have answered (dropping the last handle would close it at once).
     let calls = TaskTracker::new();
@@ -62,8 +97,8 @@ pub(crate) async fn connection(
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
                     let shared = shared.clone();
-                    let identity = identity.clone();
-                    calls.spawn(async move { call(send, recv, &shared, &identity).await });
+                    let conn_state = conn_state.clone();
+                    calls.spawn(async move { call(send, recv, &shared, &conn_state).await });
                 }
                 Err(e) => {
                     tracing::info!(%remote, reason = %e, "connection closed");
@@ -114,8 +149,9 @@ async fn call(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     shared: &Shared,
-    identity: &Identity,
+    conn: &Conn,
 ) {
+    let identity = &conn.identity;
     let opened = Instant::now();
     // Server timings and the call's deadline count from the header being
     // read, so a slow upload does not eat into the caller's budget.
@@ -125,7 +161,7 @@ async fn call(
         &mut send,
         &mut recv,
         shared,
-        identity,
+        conn,
         opened,
         &mut header_read,
         &mut kernel,
@@ -247,11 +283,12 @@ async fn run(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     shared: &Shared,
-    identity: &Identity,
+    conn: &Conn,
     opened: Instant,
     header_read: &mut Option<Instant>,
     kernel_name: &mut Option<String>,
 ) -> Result<Success, Failure> {
+    let identity = &conn.identity;
     let read_deadline = tokio::time::Instant::from_std(opened + shared.request_timeout);
     let (prefix, header_bytes) = tokio::time::timeout_at(
         read_deadline,
@@ -269,15 +306,18 @@ async fn run(
     if shared.access_log {
         *kernel_name = Some(requested.chars().take(64).collect());
     }
-    let (index, kernel) = shared.registry.get(requested).ok_or_else(|| {
+    // Checked against the kernels and policy as they are now; a reload
+    // meanwhile does not change what this call runs.
+    let registry = shared.kernels.current();
+    let policy = shared.policy();
+    let (index, kernel) = registry.get(requested).ok_or_else(|| {
         // Only what this client may call: the list is not an oracle for
         // kernels it cannot use.
-        let names: Vec<&str> = shared
-            .registry
+        let names: Vec<&str> = registry
             .kernels()
             .iter()
             .map(|k| k.name.as_str())
-            .filter(|k| shared.policy.allows(identity, k))
+            .filter(|k| policy.allows(identity, k))
             .collect();
         Failure::status(
             StatusCode::NotFound,
@@ -289,7 +329,7 @@ async fn run(
             true,
         )
     })?;
-    if !shared.policy.allows(identity, requested) {
+    if !policy.allows(identity, requested) {
         return Err(Failure::status(
             StatusCode::PermissionDenied,
             format!(
@@ -305,31 +345,34 @@ async fn run(
         header,
         prefix.payload_len,
         &shared.limits,
-        &shared.caps,
+        &registry.caps(),
     )
     .map_err(|e| Failure::status(e.code, e.message, true))?;
 
-    // Reserve the request and response bytes before allocating either.
+    // Reserve the request and response bytes before allocating either:
+    // from the connection's budget (so one client cannot take it all),
+    // then from the server's.
     let bytes = prefix.payload_len + plan.response_layout.total() as u64;
     let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
-    let exhausted = || {
+    let exhausted = |whose: &str, budget: u32| {
         Failure::status(
             StatusCode::ResourceExhausted,
             format!(
-                "the server's in-flight byte budget ({} KiB) cannot take this call's {kib} KiB now; retry later",
-                shared.budget_kib
+                "{whose} in-flight byte budget ({budget} KiB) cannot take this call's {kib} KiB now; retry later"
             ),
             true,
         )
     };
-    if kib > shared.budget_kib {
-        return Err(exhausted());
-    }
+    let conn_permit = conn
+        .budget
+        .clone()
+        .try_acquire_many_owned(kib)
+        .map_err(|_| exhausted("this connection's", shared.connection_budget_kib))?;
     let permit = shared
         .budget
         .clone()
         .try_acquire_many_owned(kib)
-        .map_err(|_| exhausted())?;
+        .map_err(|_| exhausted("the server's", shared.budget_kib))?;
 
     let payload = tokio::time::timeout_at(
         read_deadline,
@@ -364,14 +407,16 @@ async fn run(
         .queue
         .try_submit(Job {
             plan,
+            kernels: registry.clone(),
+            source: conn.id,
             payload,
             enqueued: Instant::now(),
             deadline,
             reply: reply_tx,
-            permit: Some(permit),
+            permit: vec![conn_permit, permit],
         })
         .map_err(|e| match e {
-            SubmitError::Full(_) => {
+            SubmitError::Full(_) | SubmitError::SourceFull(_) => {
                 Failure::status(StatusCode::ResourceExhausted, e.to_string(), false)
             }
             SubmitError::Closed => Failure::status(StatusCode::Unavailable, e.to_string(), false),

@@ -3,7 +3,9 @@
 //!
 //! # Layout
 //! - this file: [`ServerConfig`] and [`Server`]: binding the endpoint, the
-//!   accept loop (one task per connection, one per stream), shutdown.
+//!   accept loop (one task per connection, one per stream), shutdown, and
+//!   [`Reloader`] for swapping certificates, policy and kernels live.
+//! - [`admission`]: caps on connections and handshakes, address validation.
 //! - [`access`]: client identities from their certificates, and the policy
 //!   of which identities may call which kernels.
 //! - [`handler`]: one call on one stream: read and check the request, queue
@@ -20,6 +22,7 @@
 //! in-flight calls; the GPU thread is joined last.
 
 pub mod access;
+pub mod admission;
 pub mod gpu;
 pub mod handler;
 pub mod kernel;
@@ -27,7 +30,9 @@ pub mod local;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use quasar_transport::socket::{self, SocketBuffers};
@@ -39,12 +44,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use access::{Identity, Policy};
-pub use gpu::executor::{ExecutorStats, GpuConfig, Registry, Timestamping};
+pub use admission::{AddressValidation, AdmissionLimits, ConnectionStats};
+pub use gpu::executor::{ExecutorControl, ExecutorStats, GpuConfig, Registry, Timestamping};
 pub use gpu::{AdapterReport, AdapterSummary, GpuError, list_adapters};
 pub use kernel::KernelInterface;
 
-use gpu::executor::{GpuExecutor, JobQueue};
-use kernel::plan::DeviceCaps;
+use admission::{Admission, Decision};
+use gpu::executor::{GpuExecutor, JobQueue, Kernels};
 
 /// The server's certificate, key and client CA, as PEM.
 #[derive(Clone)]
@@ -78,9 +84,14 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// QUIC transport parameters.
     pub quic: QuicTuning,
+    /// Caps on connections and handshakes, and address validation.
+    pub admission: AdmissionLimits,
     /// Request and response bytes that may be held for in-flight calls, all
     /// connections together; past this, calls get ResourceExhausted.
     pub max_inflight_bytes: u64,
+    /// The same, for the calls of one connection: one client cannot take
+    /// the whole budget.
+    pub max_inflight_bytes_per_connection: u64,
     /// A request must arrive in full within this time of its stream opening.
     pub request_timeout: Duration,
     /// On shutdown, how long in-flight calls may take to finish.
@@ -100,7 +111,9 @@ impl ServerConfig {
             gpu: GpuConfig::default(),
             limits: Limits::default(),
             quic: QuicTuning::default(),
+            admission: AdmissionLimits::default(),
             max_inflight_bytes: 1024 * 1024 * 1024,
+            max_inflight_bytes_per_connection: 256 * 1024 * 1024,
             request_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             policy: Policy::allow_all(),
@@ -119,6 +132,9 @@ pub enum ServerError {
     /// The GPU side could not start.
     #[error(transparent)]
     Gpu(#[from] GpuError),
+    /// A reload found the server stopped.
+    #[error("the server has stopped")]
+    Stopped,
     /// The UDP socket could not be bound.
     #[error("binding {addr}: {source}")]
     Bind {
@@ -133,16 +149,35 @@ pub enum ServerError {
 /// State shared by every connection and stream task.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub(crate) registry: Arc<Registry>,
-    pub(crate) caps: DeviceCaps,
+    pub(crate) kernels: Arc<Kernels>,
     pub(crate) limits: Limits,
     pub(crate) queue: JobQueue,
     /// In-flight bytes, in KiB permits.
     pub(crate) budget: Arc<Semaphore>,
     pub(crate) budget_kib: u32,
+    /// Each connection's own budget, in KiB.
+    pub(crate) connection_budget_kib: u32,
     pub(crate) request_timeout: Duration,
-    pub(crate) policy: Policy,
+    policy: RwLock<Arc<Policy>>,
     pub(crate) access_log: bool,
+    /// Numbers connections, for the GPU queue's fair turns.
+    pub(crate) next_connection: AtomicU64,
+}
+
+impl Shared {
+    /// The access policy as it is now (a reload replaces it whole).
+    pub(crate) fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// A byte count as KiB permits of a semaphore.
+fn kib_permits(bytes: u64) -> u32 {
+    let kib = u32::try_from((bytes / 1024).max(1)).unwrap_or(u32::MAX);
+    kib.min(Semaphore::MAX_PERMITS as u32)
 }
 
 /// A bound, ready server.
@@ -151,6 +186,9 @@ pub struct Server {
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
     executor: GpuExecutor,
+    admission: Arc<Admission>,
+    quic: QuicTuning,
+    stopping: CancellationToken,
     shutdown_grace: Duration,
     socket_buffers: SocketBuffers,
 }
@@ -163,21 +201,7 @@ impl Server {
     /// [`ServerError`] for unusable TLS material, no GPU adapter, a kernel
     /// that does not load, or an address that cannot be bound.
     pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
-        let chain = tls::certs_from_pem(&config.tls.cert_chain, "server certificate")?;
-        let key = tls::key_from_pem(&config.tls.key)?;
-        let roots = tls::roots_from_pem(&config.tls.client_ca)?;
-        let mut crls = Vec::new();
-        for pem in &config.tls.crls {
-            let found = tls::crls_from_pem(pem)?;
-            // A CRL file with no CRL in it (the CA given by mistake, say)
-            // would silently turn revocation checking off.
-            if found.is_empty() {
-                return Err(ServerError::Tls(TlsError::NoCrl));
-            }
-            crls.extend(found);
-        }
-        let crypto = tls::server_crypto(chain, key, roots, crls)?;
-        let server_config = tls::server_config(crypto, &config.quic)?;
+        let server_config = quic_server_config(&config.tls, &config.quic, &config.admission)?;
 
         let executor = GpuExecutor::start(config.gpu.clone()).await?;
         let bind_error = |source| ServerError::Bind {
@@ -195,27 +219,47 @@ impl Server {
             runtime,
         )
         .map_err(bind_error)?;
-        let budget_kib =
-            u32::try_from((config.max_inflight_bytes / 1024).max(1)).unwrap_or(u32::MAX >> 3);
-        let budget_kib = budget_kib.min(Semaphore::MAX_PERMITS as u32);
+        let budget_kib = kib_permits(config.max_inflight_bytes);
         let shared = Arc::new(Shared {
-            registry: executor.registry().clone(),
-            caps: executor.caps(),
+            kernels: executor.kernels().clone(),
             limits: config.limits.clone(),
             queue: executor.queue(),
             budget: Arc::new(Semaphore::new(budget_kib as usize)),
             budget_kib,
+            connection_budget_kib: kib_permits(config.max_inflight_bytes_per_connection),
             request_timeout: config.request_timeout,
-            policy: config.policy.clone(),
+            policy: RwLock::new(Arc::new(config.policy.clone())),
             access_log: config.access_log,
+            next_connection: AtomicU64::new(1),
         });
         Ok(Self {
             endpoint,
             shared,
             executor,
+            admission: Arc::new(Admission::new(config.admission.clone())),
+            quic: config.quic.clone(),
+            stopping: CancellationToken::new(),
             shutdown_grace: config.shutdown_grace,
             socket_buffers,
         })
+    }
+
+    /// A handle that swaps certificates, CA, CRLs, policy and kernels on
+    /// the running server.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            endpoint: self.endpoint.clone(),
+            shared: self.shared.clone(),
+            control: self.executor.control(),
+            quic: self.quic.clone(),
+            admission: self.admission.clone(),
+            stopping: self.stopping.clone(),
+        }
+    }
+
+    /// Connection attempts and their outcomes.
+    pub fn connection_stats(&self) -> Arc<ConnectionStats> {
+        self.admission.stats().clone()
     }
 
     /// The address the endpoint is bound to (useful after binding port 0).
@@ -237,9 +281,9 @@ impl Server {
         self.executor.adapter()
     }
 
-    /// The loaded kernels.
-    pub fn kernels(&self) -> &[KernelInterface] {
-        self.shared.registry.kernels()
+    /// The kernels loaded now.
+    pub fn kernels(&self) -> Vec<KernelInterface> {
+        self.shared.kernels.current().kernels().to_vec()
     }
 
     /// The executor's counters.
@@ -253,25 +297,22 @@ impl Server {
     /// thread.
     pub async fn serve_until(self, shutdown: impl Future<Output = ()>) {
         let tracker = TaskTracker::new();
-        let cancel = CancellationToken::new();
+        let cancel = self.stopping.clone();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
-                    let shared = self.shared.clone();
-                    let cancel = cancel.clone();
-                    tracker.spawn(async move {
-                        handler::connection(incoming, shared, cancel).await;
-                    });
+                    self.admit(incoming, &tracker, &cancel);
                 }
                 () = &mut shutdown => break,
             }
         }
         tracing::info!("shutting down: no new connections");
-        // Refuse new handshakes while in-flight calls finish.
-        self.endpoint.set_server_config(None);
+        // Refuse new handshakes while in-flight calls finish (a reload
+        // checks the token, so it cannot turn them back on).
         cancel.cancel();
+        self.endpoint.set_server_config(None);
         tracker.close();
         if tokio::time::timeout(self.shutdown_grace, tracker.wait())
             .await
@@ -291,5 +332,126 @@ impl Server {
         drop(shared);
         executor.shutdown().await;
         tracing::info!("server stopped");
+    }
+
+    /// Decides on a connection attempt at once (the accept loop never
+    /// waits on a handshake) and spawns the handshake if it is admitted.
+    fn admit(&self, incoming: quinn::Incoming, tracker: &TaskTracker, cancel: &CancellationToken) {
+        let remote = incoming.remote_address();
+        let decision = self.admission.decide(
+            remote.ip(),
+            incoming.remote_address_validated(),
+            incoming.may_retry(),
+        );
+        match decision {
+            Decision::Accept(slot) => {
+                let shared = self.shared.clone();
+                let cancel = cancel.clone();
+                let admission = self.admission.clone();
+                tracker.spawn(async move {
+                    handler::connection(incoming, slot, &admission, shared, cancel).await;
+                });
+            }
+            Decision::Retry => {
+                if let Err(e) = incoming.retry() {
+                    // Only possible for an attempt that was retried already.
+                    e.into_incoming().refuse();
+                }
+            }
+            Decision::Refuse(reason) => {
+                tracing::info!(%remote, reason, "connection refused");
+                incoming.refuse();
+            }
+        }
+    }
+}
+
+/// The quinn server configuration for this TLS material and tuning.
+fn quic_server_config(
+    pem: &TlsPem,
+    quic: &QuicTuning,
+    admission: &AdmissionLimits,
+) -> Result<quinn::ServerConfig, ServerError> {
+    let chain = tls::certs_from_pem(&pem.cert_chain, "server certificate")?;
+    let key = tls::key_from_pem(&pem.key)?;
+    let roots = tls::roots_from_pem(&pem.client_ca)?;
+    let mut crls = Vec::new();
+    for pem in &pem.crls {
+        let found = tls::crls_from_pem(pem)?;
+        // A CRL file with no CRL in it (the CA given by mistake, say)
+        // would silently turn revocation checking off.
+        if found.is_empty() {
+            return Err(ServerError::Tls(TlsError::NoCrl));
+        }
+        crls.extend(found);
+    }
+    let crypto = tls::server_crypto(chain, key, roots, crls)?;
+    let mut config = tls::server_config(crypto, quic)?;
+    // Attempts waiting for the accept loop: it decides on each at once, so
+    // this only needs to absorb a burst.
+    config.max_incoming(admission.max_handshakes.saturating_mul(4).max(64));
+    config.incoming_buffer_size(64 * 1024);
+    config.incoming_buffer_size_total(16 * 1024 * 1024);
+    Ok(config)
+}
+
+/// What a reload replaces: everything else needs a restart.
+#[derive(Debug, Clone)]
+pub struct ReloadConfig {
+    /// Server certificate and key, client CA and CRLs.
+    pub tls: TlsPem,
+    /// The access policy.
+    pub policy: Policy,
+    /// The kernel directory (shipped kernels are always loaded).
+    pub kernel_dir: Option<PathBuf>,
+}
+
+/// Swaps certificates, CA, CRLs, policy and kernels on a running server
+/// without dropping connections: established connections keep their
+/// session (and the identity they proved), new handshakes see the new
+/// certificates and CRLs, every call from then on is checked against the
+/// new policy and kernels.
+#[derive(Debug, Clone)]
+pub struct Reloader {
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    control: ExecutorControl,
+    quic: QuicTuning,
+    admission: Arc<Admission>,
+    stopping: CancellationToken,
+}
+
+impl Reloader {
+    /// Checks everything new first (certificates, key, CRLs, every kernel
+    /// parsed and compiled); if any of it is broken, nothing changes and
+    /// the error says what. Returns the kernels now loaded.
+    ///
+    /// # Errors
+    /// [`ServerError`] naming the broken part, or [`ServerError::Stopped`].
+    pub async fn reload(&self, config: ReloadConfig) -> Result<Vec<String>, ServerError> {
+        if self.stopping.is_cancelled() {
+            return Err(ServerError::Stopped);
+        }
+        let server_config = quic_server_config(&config.tls, &self.quic, &self.admission.limits)?;
+        // The kernel swap is the last step that can fail, and it is all or
+        // nothing inside the executor.
+        let kernels = self.control.reload(config.kernel_dir).await?;
+        *self
+            .shared
+            .policy
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(config.policy);
+        if self.stopping.is_cancelled() {
+            return Err(ServerError::Stopped);
+        }
+        self.endpoint.set_server_config(Some(server_config));
+        tracing::info!(kernels = kernels.len(), "configuration reloaded");
+        Ok(kernels)
+    }
+
+    /// Destroys the GPU device as a driver reset would; the executor
+    /// recreates it. For fault-injection tests and drills.
+    pub async fn lose_device(&self) {
+        self.control.lose_device().await;
     }
 }

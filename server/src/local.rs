@@ -2,6 +2,7 @@
 //! as the server, with no network in between. It is the baseline that tells
 //! what going remote costs (`quasar bench --compare-local`).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quasar_transport::wire::{PayloadLayout, access_request, encode_request};
@@ -9,7 +10,7 @@ use quasar_transport::{Limits, Payload, RequestHeader, StatusCode, Timings};
 use thiserror::Error;
 use tokio::sync::oneshot;
 
-use crate::gpu::executor::{GpuExecutor, Job, SubmitError};
+use crate::gpu::executor::{GpuExecutor, Job, JobOutput, SubmitError};
 use crate::gpu::{AdapterSummary, GpuError};
 use crate::kernel::plan::plan;
 use crate::{GpuConfig, Registry};
@@ -64,7 +65,7 @@ impl LocalDispatcher {
     }
 
     /// The loaded kernels.
-    pub fn registry(&self) -> &Registry {
+    pub fn registry(&self) -> Arc<Registry> {
         self.executor.registry()
     }
 
@@ -79,6 +80,40 @@ impl LocalDispatcher {
         payload: Payload,
     ) -> Result<LocalOutput, LocalError> {
         let started = Instant::now();
+        let fail = |code, message: String| LocalError { code, message };
+        let (layout, rx) = self.submit(header, payload)?;
+        let out = rx
+            .await
+            .map_err(|_| fail(StatusCode::Internal, "the executor dropped the call".into()))?
+            .map_err(|e| fail(e.status(), e.to_string()))?;
+        Ok(LocalOutput {
+            payload: out.payload,
+            layout,
+            timings: Timings {
+                queued_us: micros(out.queued),
+                gpu_us: micros(out.gpu),
+                kernel_us: out.kernel.map(micros),
+                readback_us: micros(out.readback),
+                total_us: micros(started.elapsed()),
+            },
+        })
+    }
+
+    /// Checks and queues a call; the reply comes on the receiver. Kept
+    /// apart from the `async fn` so its future holds no kernel registry
+    /// (whose GPU handles make auto-trait checks deep).
+    #[allow(clippy::type_complexity)]
+    fn submit(
+        &self,
+        header: &RequestHeader,
+        payload: Payload,
+    ) -> Result<
+        (
+            PayloadLayout,
+            oneshot::Receiver<Result<JobOutput, crate::gpu::executor::ExecError>>,
+        ),
+        LocalError,
+    > {
         let fail = |code, message: String| LocalError { code, message };
         let bytes =
             encode_request(header).map_err(|e| fail(StatusCode::InvalidArgument, e.to_string()))?;
@@ -97,7 +132,7 @@ impl LocalDispatcher {
             archived,
             payload.len() as u64,
             &self.limits,
-            &self.executor.caps(),
+            &registry.caps(),
         )
         .map_err(|e| fail(e.code, e.message))?;
         let layout = plan.response_layout.clone();
@@ -106,31 +141,21 @@ impl LocalDispatcher {
             .queue()
             .try_submit(Job {
                 plan,
+                kernels: registry.clone(),
+                source: 0,
                 payload,
                 enqueued: Instant::now(),
                 deadline: None,
                 reply: tx,
-                permit: None,
+                permit: Vec::new(),
             })
             .map_err(|e| match e {
-                SubmitError::Full(_) => fail(StatusCode::ResourceExhausted, e.to_string()),
+                SubmitError::Full(_) | SubmitError::SourceFull(_) => {
+                    fail(StatusCode::ResourceExhausted, e.to_string())
+                }
                 SubmitError::Closed => fail(StatusCode::Unavailable, e.to_string()),
             })?;
-        let out = rx
-            .await
-            .map_err(|_| fail(StatusCode::Internal, "the executor dropped the call".into()))?
-            .map_err(|e| fail(e.status(), e.to_string()))?;
-        Ok(LocalOutput {
-            payload: out.payload,
-            layout,
-            timings: Timings {
-                queued_us: micros(out.queued),
-                gpu_us: micros(out.gpu),
-                kernel_us: out.kernel.map(micros),
-                readback_us: micros(out.readback),
-                total_us: micros(started.elapsed()),
-            },
-        })
+        Ok((layout, rx))
     }
 
     /// Stops the executor thread.

@@ -1,4 +1,10 @@
-//! `quasar serve`: run a server until Ctrl-C or SIGTERM.
+//! `quasar serve`: run a server until Ctrl-C or SIGTERM; SIGHUP reloads.
+//!
+//! On SIGHUP the config file and every file it names are read again, and
+//! the server certificate and key, client CA, CRLs, access policy and
+//! kernel directory are swapped in without dropping a connection. A broken
+//! file is rejected with one log line and the running configuration keeps
+//! serving. Other settings (address, limits) take effect on restart.
 //!
 //! Every flag has a key of the same name (with `_` for `-`) in the TOML file
 //! given with `--config`; a flag on the command line wins over the file. The
@@ -24,10 +30,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use quasar_server::{Policy, Server, ServerConfig, TlsPem};
+use quasar_server::{
+    AddressValidation, Policy, ReloadConfig, Reloader, Server, ServerConfig, TlsPem,
+};
 use serde::Deserialize;
 
-#[derive(Args, Debug, Default)]
+#[derive(Args, Debug, Default, Clone)]
 pub struct ServeArgs {
     /// TOML file with any of these settings (keys named like the flags) and
     /// the `[access]` policy.
@@ -54,12 +62,40 @@ pub struct ServeArgs {
     /// Use only an adapter whose name contains this.
     #[arg(long, env = "QUASAR_ADAPTER")]
     adapter: Option<String>,
-    /// Calls that may wait for the GPU before new ones get RESOURCE_EXHAUSTED [default: 256].
+    /// Calls that may wait for the GPU, all connections together, before new ones get RESOURCE_EXHAUSTED [default: 1024].
     #[arg(long)]
     queue_depth: Option<usize>,
+    /// Calls one connection may have waiting for the GPU [default: 256].
+    #[arg(long)]
+    max_queued_per_connection: Option<usize>,
+    /// Most calls encoded into one GPU submission (calls that arrive together share it) [default: 64].
+    #[arg(long)]
+    max_batch: Option<usize>,
     /// Request and response bytes held for in-flight calls, all connections together, MiB [default: 1024].
     #[arg(long)]
     max_inflight_mib: Option<u64>,
+    /// The same, for one connection's calls, MiB [default: 256].
+    #[arg(long)]
+    max_inflight_per_connection_mib: Option<u64>,
+    /// Open connections, all clients together [default: 1024].
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Open connections from one IP address [default: 64].
+    #[arg(long)]
+    max_connections_per_address: Option<usize>,
+    /// Handshakes in progress at once; past half of it, new addresses must
+    /// answer a QUIC Retry first (with --address-validation auto) [default: 128].
+    #[arg(long)]
+    max_handshakes: Option<usize>,
+    /// A handshake not finished in this many seconds is dropped [default: 5].
+    #[arg(long)]
+    handshake_timeout_s: Option<u64>,
+    /// When to validate client addresses with a QUIC Retry [default: auto].
+    #[arg(long, value_enum)]
+    address_validation: Option<Validation>,
+    /// Send QUIC keep-alives this often, seconds [default: none; clients send them].
+    #[arg(long)]
+    keep_alive_s: Option<u64>,
     /// Largest request payload accepted, MiB [default: 256].
     #[arg(long)]
     max_payload_mib: Option<u64>,
@@ -97,7 +133,16 @@ struct FileConfig {
     kernels: Option<PathBuf>,
     adapter: Option<String>,
     queue_depth: Option<usize>,
+    max_queued_per_connection: Option<usize>,
+    max_batch: Option<usize>,
     max_inflight_mib: Option<u64>,
+    max_inflight_per_connection_mib: Option<u64>,
+    max_connections: Option<usize>,
+    max_connections_per_address: Option<usize>,
+    max_handshakes: Option<usize>,
+    handshake_timeout_s: Option<u64>,
+    address_validation: Option<Validation>,
+    keep_alive_s: Option<u64>,
     max_payload_mib: Option<u64>,
     max_streams: Option<u32>,
     request_timeout_s: Option<u64>,
@@ -119,6 +164,28 @@ pub enum Timestamps {
     On,
     /// Never.
     Off,
+}
+
+/// `--address-validation` values.
+#[derive(clap::ValueEnum, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Validation {
+    /// Once half of --max-handshakes are in progress.
+    Auto,
+    /// For every new connection (one more round trip).
+    Always,
+    /// Never.
+    Never,
+}
+
+impl From<Validation> for AddressValidation {
+    fn from(v: Validation) -> Self {
+        match v {
+            Validation::Auto => Self::Auto,
+            Validation::Always => Self::Always,
+            Validation::Never => Self::Never,
+        }
+    }
 }
 
 impl From<Timestamps> for quasar_server::Timestamping {
@@ -191,7 +258,19 @@ pub async fn config(a: ServeArgs) -> Result<ServerConfig> {
     let mut config = ServerConfig::new(listen, tls);
     config.gpu.kernel_dir = a.kernels.or(f.kernels);
     config.gpu.adapter = a.adapter.or(f.adapter);
-    config.gpu.queue_depth = a.queue_depth.or(f.queue_depth).unwrap_or(256);
+    let gpu_defaults = quasar_server::GpuConfig::default();
+    config.gpu.queue_depth = a
+        .queue_depth
+        .or(f.queue_depth)
+        .unwrap_or(gpu_defaults.queue_depth);
+    config.gpu.max_queued_per_connection = a
+        .max_queued_per_connection
+        .or(f.max_queued_per_connection)
+        .unwrap_or(gpu_defaults.max_queued_per_connection);
+    config.gpu.max_batch = a
+        .max_batch
+        .or(f.max_batch)
+        .unwrap_or(gpu_defaults.max_batch);
     config.gpu.timestamps = a
         .gpu_timestamps
         .or(f.gpu_timestamps)
@@ -199,6 +278,30 @@ pub async fn config(a: ServeArgs) -> Result<ServerConfig> {
         .into();
     let mib = |v: u64| v.saturating_mul(1024 * 1024);
     config.max_inflight_bytes = mib(a.max_inflight_mib.or(f.max_inflight_mib).unwrap_or(1024));
+    config.max_inflight_bytes_per_connection = mib(a
+        .max_inflight_per_connection_mib
+        .or(f.max_inflight_per_connection_mib)
+        .unwrap_or(256));
+    let adm = &mut config.admission;
+    adm.max_connections = a
+        .max_connections
+        .or(f.max_connections)
+        .unwrap_or(adm.max_connections);
+    adm.max_connections_per_address = a
+        .max_connections_per_address
+        .or(f.max_connections_per_address)
+        .unwrap_or(adm.max_connections_per_address);
+    adm.max_handshakes = a
+        .max_handshakes
+        .or(f.max_handshakes)
+        .unwrap_or(adm.max_handshakes);
+    if let Some(s) = a.handshake_timeout_s.or(f.handshake_timeout_s) {
+        adm.handshake_timeout = Duration::from_secs(s);
+    }
+    if let Some(v) = a.address_validation.or(f.address_validation) {
+        adm.address_validation = v.into();
+    }
+    config.quic.keep_alive = a.keep_alive_s.or(f.keep_alive_s).map(Duration::from_secs);
     config.limits.max_payload_len = mib(a.max_payload_mib.or(f.max_payload_mib).unwrap_or(256));
     config.quic.max_concurrent_streams = a.max_streams.or(f.max_streams).unwrap_or(1024);
     config.quic.idle_timeout =
@@ -216,7 +319,7 @@ pub async fn config(a: ServeArgs) -> Result<ServerConfig> {
 }
 
 pub async fn run(a: ServeArgs) -> Result<()> {
-    let config = config(a).await?;
+    let config = config(a.clone()).await?;
     let rules = config.policy.rules.len();
     let server = Server::bind(config).await.context("starting the server")?;
     tracing::info!(adapter = %server.adapter(), "GPU adapter");
@@ -233,8 +336,54 @@ pub async fn run(a: ServeArgs) -> Result<()> {
         );
     }
     tracing::info!(addr = %server.local_addr()?, "listening (QUIC, mutual TLS, ALPN quasar/1)");
+    let reloads = tokio::spawn(reload_on_sighup(a, server.reloader()));
     server.serve_until(shutdown_signal()).await;
+    reloads.abort();
     Ok(())
+}
+
+/// Reloads the reloadable settings on every SIGHUP until aborted.
+async fn reload_on_sighup(args: ServeArgs, reloader: Reloader) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP: no reloads");
+                return;
+            }
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP received: reloading certificates, CA, CRLs, policy and kernels");
+            match reload(&args, &reloader).await {
+                Ok(kernels) => tracing::info!(
+                    kernels = %kernels.join(", "),
+                    "reload done"
+                ),
+                Err(e) => tracing::error!(
+                    error = format!("{e:#}"),
+                    "reload rejected; the previous configuration keeps serving"
+                ),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (args, reloader);
+    }
+}
+
+async fn reload(args: &ServeArgs, reloader: &Reloader) -> Result<Vec<String>> {
+    let config = config(args.clone()).await?;
+    reloader
+        .reload(ReloadConfig {
+            tls: config.tls,
+            policy: config.policy,
+            kernel_dir: config.gpu.kernel_dir,
+        })
+        .await
+        .context("applying the new configuration")
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -276,12 +276,45 @@ kernels = ["add"]
     let bob = call("bob");
     assert!(!bob.status.success());
     assert!(text(&bob).contains("PERMISSION_DENIED"), "{}", text(&bob));
+
+    // SIGHUP reloads the policy: bob is granted `add` without a restart.
+    let hup = || {
+        let pid = server.0.id().to_string();
+        let out = Command::new("kill").args(["-HUP", &pid]).output();
+        assert!(out.expect("kill").status.success());
+    };
+    let granted = std::fs::read_to_string(&config)
+        .expect("read")
+        .replace("identity = \"alice\"", "identity = \"*\"");
+    std::fs::write(&config, granted).expect("rewrite");
+    hup();
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let bob = call("bob");
+        if bob.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "bob still refused after the reload: {}",
+            text(&bob)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A broken file is rejected; the running configuration keeps serving.
+    std::fs::write(&config, "[access]\ndefault = \"maybe\"\n").expect("break");
+    hup();
+    std::thread::sleep(Duration::from_millis(500));
+    let alice = call("alice");
+    assert!(alice.status.success(), "{}", text(&alice));
     drop(server);
     let log = drain.join().expect("drain").join("\n");
     assert!(
         log.contains("identity=alice") && log.contains("identity=bob"),
         "access log:\n{log}"
     );
+    assert!(log.contains("reload done"), "{log}");
+    assert!(log.contains("reload rejected"), "{log}");
     let broken = dir.path().join("broken.toml");
     std::fs::write(&broken, "listen = 5\nnot_a_setting = true\n").expect("write");
     let bad = quasar(&["serve", "--config", broken.to_str().expect("path")]);

@@ -1,8 +1,10 @@
 //! Helpers: a real server on 127.0.0.1:0, clients for it, and a raw stream
 //! for sending bytes the SDK would never send.
 
+use std::time::{Duration, Instant};
+
 use quasar::embedded::EmbeddedServer;
-use quasar_client::{Client, ClientConfig};
+use quasar_client::{Call, Client, ClientConfig};
 use quasar_server::ServerConfig;
 use quasar_transport::frame::FrameKind;
 use quasar_transport::io::{read_aligned, read_frame};
@@ -89,4 +91,65 @@ pub async fn assert_serving(server: &EmbeddedServer) {
         .expect("the server must keep serving");
     assert_eq!(r.output::<f32>("out").expect("out"), &[11.0, 22.0]);
     c.close().await;
+}
+
+/// A kernel slow on purpose: one invocation spinning `iters` times.
+// Slow by the number of workgroups: lavapipe stops any loop of one
+// invocation after 65,535 iterations, so the work is spread over
+// `iters` workgroups of a fixed, loop-carried chain the compiler cannot fold.
+pub const SPIN: &str = r#"// quasar: output out = iters * 64
+// quasar: stage main = iters
+struct Params { iters: u32 }
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> seed: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    var x = seed[0] + f32(gid.x);
+    for (var i = 0u; i < 60000u; i++) { x = fract(x * 1.0001 + 0.1); }
+    out[gid.x] = x;
+}
+"#;
+
+pub fn spin(iters: u32) -> Call {
+    Call::new("spin")
+        .arg("iters", iters)
+        .input("seed", &[0.5f32])
+}
+
+pub async fn spin_server() -> (EmbeddedServer, tempfile::TempDir) {
+    spin_server_with(|_| {}).await
+}
+
+/// A server with the `spin` kernel and a changed configuration.
+pub async fn spin_server_with(
+    configure: impl FnOnce(&mut ServerConfig),
+) -> (EmbeddedServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("spin.wgsl"), SPIN).expect("write");
+    let path = dir.path().to_owned();
+    let server = server_with(|c| {
+        c.gpu.kernel_dir = Some(path);
+        configure(c);
+    })
+    .await;
+    (server, dir)
+}
+
+/// Finds an iteration count whose call takes at least 100 ms here (bounded),
+/// and returns it with that call's duration.
+pub async fn calibrate(client: &quasar_client::Client) -> (u32, Duration) {
+    // The first call of a kernel is slow for reasons of its own (the driver
+    // compiles on first use); keep it out of the measurement.
+    client.execute(spin(1)).await.expect("warm-up");
+    let mut iters = 1u32;
+    loop {
+        let started = Instant::now();
+        client.execute(spin(iters)).await.expect("spin");
+        let took = started.elapsed();
+        if took >= Duration::from_millis(250) || iters >= 16384 {
+            return (iters, took);
+        }
+        iters = iters.saturating_mul(2);
+    }
 }

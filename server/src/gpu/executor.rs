@@ -1,12 +1,24 @@
-//! The GPU executor: one thread that owns the device, the queue, every
-//! compiled kernel and the buffer pool, and runs calls one submission at a
-//! time.
+//! The GPU executor: one thread that owns the device, the queue and the
+//! buffer pool, and runs calls in batches.
 //!
-//! Async handlers send [`Job`]s over a bounded channel with `try_send`, so a
-//! full queue is refused at once (ResourceExhausted) instead of growing;
-//! each job carries a oneshot for its reply. Only this thread calls the
-//! blocking `device.poll`. A job whose caller has gone away (its oneshot is
-//! closed) or whose deadline has passed is dropped before it touches the GPU.
+//! Async handlers queue [`Job`]s in a fair queue (one FIFO per connection,
+//! taken round-robin) without
+//! waiting (a full queue is refused at once, ResourceExhausted); each job
+//! carries a oneshot for its reply. The thread takes everything queued at
+//! once (up to [`GpuConfig::max_batch`]), encodes the calls into one
+//! command buffer, submits once and waits once: calls that arrive together
+//! share the cost of a submission, and a lone call is run at once. Only this
+//! thread calls the blocking `device.poll`. A job whose caller has gone away
+//! or whose deadline has passed is dropped before it touches the GPU.
+//!
+//! The kernels live in a [`Registry`] published through [`Kernels`]: a job
+//! carries the registry it was checked against, so a reload of the kernel
+//! directory never runs a call with another kernel's pipeline. A lost device
+//! is recreated with its pipelines (a new registry generation); calls caught
+//! in flight get Unavailable, which clients retry.
+//!
+//! A wgpu validation error in a batch fails nothing at once: each call of
+//! the batch is run again alone, so only the call at fault fails.
 //!
 //! Copies of payload bytes on the way: the payload read from QUIC is written
 //! into the storage buffer by `queue.write_buffer` (wgpu stages it), and the
@@ -16,19 +28,21 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use quasar_transport::{Payload, StatusCode};
 use thiserror::Error;
-use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
 use super::pool::{BufferPool, PoolKind};
+pub use super::sched::SubmitError;
+use super::sched::{FairQueue, Next, Queued};
 use super::{AdapterSummary, GpuError, choose_adapter};
 use crate::kernel::plan::{CallPlan, DeviceCaps};
-use crate::kernel::{BufferRole, KernelInterface, ParsedKernel};
+use crate::kernel::{BufferRole, KernelInterface};
 
 /// How the GPU side is set up.
 #[derive(Debug, Clone)]
@@ -38,9 +52,18 @@ pub struct GpuConfig {
     pub kernel_dir: Option<PathBuf>,
     /// Use only an adapter whose name contains this (case-insensitive).
     pub adapter: Option<String>,
-    /// Calls that may wait for the GPU; past this, calls are refused.
+    /// Calls that may wait for the GPU, all connections together; past
+    /// this, calls are refused.
     pub queue_depth: usize,
-    /// Longest a submission may run before the call fails.
+    /// Calls one connection may have waiting for the GPU.
+    pub max_queued_per_connection: usize,
+    /// Most calls encoded into one GPU submission.
+    pub max_batch: usize,
+    /// Most payload bytes in one submission (a batch always takes at least
+    /// one call): large calls gain nothing from sharing a submission and
+    /// would make the small ones beside them wait.
+    pub max_batch_bytes: u64,
+    /// Longest a submission may run before its calls fail.
     pub poll_timeout: Duration,
     /// Idle GPU buffers kept for reuse, in bytes.
     pub max_pooled_bytes: u64,
@@ -67,7 +90,10 @@ impl Default for GpuConfig {
         Self {
             kernel_dir: None,
             adapter: None,
-            queue_depth: 256,
+            queue_depth: 1024,
+            max_queued_per_connection: 256,
+            max_batch: 64,
+            max_batch_bytes: 16 * 1024 * 1024,
             poll_timeout: Duration::from_secs(60),
             max_pooled_bytes: 512 * 1024 * 1024,
             timestamps: Timestamping::Auto,
@@ -75,11 +101,27 @@ impl Default for GpuConfig {
     }
 }
 
-/// The loaded kernels, by name.
-#[derive(Debug, Default)]
+/// The loaded kernels, by name, as compiled for one device. The pipelines
+/// themselves stay on the executor thread, found by `version`: what is
+/// shared with the async side is plain data.
 pub struct Registry {
     kernels: Vec<KernelInterface>,
     by_name: HashMap<String, usize>,
+    caps: DeviceCaps,
+    /// Which device the pipelines were compiled for.
+    device: u64,
+    /// Reloads of the kernel set since start-up.
+    version: u64,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("kernels", &self.by_name.keys().collect::<Vec<_>>())
+            .field("device", &self.device)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Registry {
@@ -93,6 +135,34 @@ impl Registry {
     pub fn kernels(&self) -> &[KernelInterface] {
         &self.kernels
     }
+
+    /// The device's limits that requests are checked against.
+    pub fn caps(&self) -> DeviceCaps {
+        self.caps
+    }
+
+    /// How many times the kernel set was reloaded since start-up.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+}
+
+/// The current registry, replaced whole by a reload or a device rebuild.
+#[derive(Debug)]
+pub struct Kernels(RwLock<Arc<Registry>>);
+
+impl Kernels {
+    /// The registry new calls are checked against.
+    pub fn current(&self) -> Arc<Registry> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn publish(&self, registry: Arc<Registry>) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = registry;
+    }
 }
 
 /// A call on its way to the GPU.
@@ -100,6 +170,10 @@ impl Registry {
 pub struct Job {
     /// What to run.
     pub plan: CallPlan,
+    /// The kernels the plan was made against (its `kernel` indexes these).
+    pub kernels: Arc<Registry>,
+    /// Who queued it (a connection), for fair turns.
+    pub source: u64,
     /// The request payload the plan's ranges point into.
     pub payload: Payload,
     /// When the job was queued.
@@ -108,9 +182,15 @@ pub struct Job {
     pub deadline: Option<Instant>,
     /// Where the outcome goes.
     pub reply: oneshot::Sender<Result<JobOutput, ExecError>>,
-    /// The call's share of the server's in-flight byte budget, released
+    /// The call's share of the server's in-flight byte budgets, released
     /// with the last of its bytes (moved into the output on success).
-    pub permit: Option<OwnedSemaphorePermit>,
+    pub permit: Vec<OwnedSemaphorePermit>,
+}
+
+impl Queued for Job {
+    fn bytes(&self) -> u64 {
+        self.payload.len() as u64 + self.plan.response_layout.total() as u64
+    }
 }
 
 /// A finished call.
@@ -120,16 +200,19 @@ pub struct JobOutput {
     pub payload: Payload,
     /// Time spent queued.
     pub queued: Duration,
-    /// Time from submission to completion (executor clock).
+    /// Time from submission to completion of the call's batch (executor
+    /// clock).
     pub gpu: Duration,
     /// The compute pass alone, measured with GPU timestamp queries where
     /// the adapter supports them.
     pub kernel: Option<Duration>,
     /// Time to copy the mapped outputs into the payload.
     pub readback: Duration,
-    /// The call's share of the in-flight byte budget, held until the
+    /// Calls in the submission this one was part of.
+    pub batch: usize,
+    /// The call's share of the in-flight byte budgets, held until the
     /// response has been written.
-    pub permit: Option<OwnedSemaphorePermit>,
+    pub permit: Vec<OwnedSemaphorePermit>,
 }
 
 /// Why a job failed on the GPU side.
@@ -142,6 +225,10 @@ pub enum ExecError {
     /// wgpu reported an error for this call (validation, mapping, timeout).
     #[error("GPU error: {0}")]
     Gpu(String),
+    /// The device was lost while the call was queued or running; it is
+    /// being recreated and a retry will run on the new one.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl ExecError {
@@ -150,27 +237,19 @@ impl ExecError {
         match self {
             Self::DeadlineExceeded => StatusCode::DeadlineExceeded,
             Self::Gpu(_) => StatusCode::Internal,
+            Self::Unavailable(_) => StatusCode::Unavailable,
         }
     }
 }
 
-/// Why a job was not queued.
-#[derive(Debug, Error)]
-pub enum SubmitError {
-    /// The queue is full.
-    #[error("the GPU queue is full ({0} calls waiting)")]
-    Full(usize),
-    /// The executor has stopped.
-    #[error("the GPU executor has stopped")]
-    Closed,
-}
-
 /// Counters for tests and benchmarks: they show whether the steady state
-/// allocates and how many calls were dropped before running.
+/// allocates, how calls are batched and how many were dropped before running.
 #[derive(Debug, Default)]
 pub struct ExecutorStats {
     /// Calls run on the GPU.
     pub calls: AtomicU64,
+    /// GPU submissions (a batch of calls is one).
+    pub batches: AtomicU64,
     /// Calls dropped because their caller had gone away.
     pub cancelled: AtomicU64,
     /// Calls dropped because their deadline passed while queued.
@@ -179,15 +258,33 @@ pub struct ExecutorStats {
     pub buffers_created: AtomicU64,
     /// GPU buffer acquisitions served by the pool.
     pub buffers_reused: AtomicU64,
+    /// Devices lost (and recreated).
+    pub devices_lost: AtomicU64,
+    /// Successful reloads of the kernel set.
+    pub reloads: AtomicU64,
 }
+
+/// Work for the executor thread other than calls.
+#[derive(Debug)]
+enum Control {
+    /// Load the kernels again (shipped ones and those in the directory).
+    Reload {
+        kernel_dir: Option<PathBuf>,
+        reply: oneshot::Sender<Result<Vec<String>, GpuError>>,
+    },
+    /// Destroy the device, as a driver reset would: fault injection for
+    /// tests and drills.
+    LoseDevice { reply: oneshot::Sender<()> },
+}
+
+type Queue = FairQueue<Job, Control>;
 
 /// A handle on the executor thread.
 #[derive(Debug)]
 pub struct GpuExecutor {
-    tx: mpsc::Sender<Job>,
+    queue: Arc<Queue>,
     adapter: AdapterSummary,
-    caps: DeviceCaps,
-    registry: Arc<Registry>,
+    kernels: Arc<Kernels>,
     stats: Arc<ExecutorStats>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -201,30 +298,35 @@ impl GpuExecutor {
     /// pipeline does not compile.
     pub async fn start(config: GpuConfig) -> Result<Self, GpuError> {
         let (ready_tx, ready_rx) = oneshot::channel();
-        let (tx, rx) = mpsc::channel(config.queue_depth.max(1));
+        let queue = Arc::new(Queue::new(
+            config.queue_depth,
+            config.max_queued_per_connection,
+        ));
         let stats = Arc::new(ExecutorStats::default());
         let thread_stats = stats.clone();
+        let thread_queue = queue.clone();
         let thread = std::thread::Builder::new()
             .name("quasar-gpu".into())
-            .spawn(move || match Worker::init(&config, thread_stats) {
-                Ok((worker, ready)) => {
-                    if ready_tx.send(Ok(ready)).is_ok() {
-                        worker.run(rx);
+            .spawn(
+                move || match Worker::init(config, thread_stats, thread_queue) {
+                    Ok((worker, ready)) => {
+                        if ready_tx.send(Ok(ready)).is_ok() {
+                            worker.run();
+                        }
                     }
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                }
-            })
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                },
+            )
             .map_err(|e| GpuError::Thread(e.to_string()))?;
-        let (adapter, caps, registry) = ready_rx
+        let (adapter, kernels) = ready_rx
             .await
             .map_err(|_| GpuError::Thread("exited during start-up".into()))??;
         Ok(Self {
-            tx,
+            queue,
             adapter,
-            caps,
-            registry: Arc::new(registry),
+            kernels,
             stats,
             thread: Some(thread),
         })
@@ -233,7 +335,7 @@ impl GpuExecutor {
     /// A handle that queues jobs; cheap to clone.
     pub fn queue(&self) -> JobQueue {
         JobQueue {
-            tx: self.tx.clone(),
+            queue: self.queue.clone(),
         }
     }
 
@@ -244,12 +346,17 @@ impl GpuExecutor {
 
     /// The device's limits that requests are checked against.
     pub fn caps(&self) -> DeviceCaps {
-        self.caps
+        self.kernels.current().caps
     }
 
-    /// The loaded kernels.
-    pub fn registry(&self) -> &Arc<Registry> {
-        &self.registry
+    /// The loaded kernels, as they are now.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.kernels.current()
+    }
+
+    /// Where the current kernels are published.
+    pub fn kernels(&self) -> &Arc<Kernels> {
+        &self.kernels
     }
 
     /// The executor's counters.
@@ -257,70 +364,174 @@ impl GpuExecutor {
         &self.stats
     }
 
+    /// A handle for reloading kernels and injecting faults; cheap to clone.
+    pub fn control(&self) -> ExecutorControl {
+        ExecutorControl {
+            queue: self.queue.clone(),
+        }
+    }
+
     /// Stops accepting jobs, lets queued ones finish, and joins the thread.
-    /// Jobs still held by [`JobQueue`] clones keep the thread alive until
-    /// those are dropped.
     pub async fn shutdown(mut self) {
-        let thread = self.thread.take();
-        drop(self);
-        if let Some(t) = thread {
+        self.queue.close();
+        if let Some(t) = self.thread.take() {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
+    }
+}
+
+impl Drop for GpuExecutor {
+    fn drop(&mut self) {
+        // Without this the thread would wait for jobs forever.
+        self.queue.close();
     }
 }
 
 /// Queues jobs for the executor.
 #[derive(Debug, Clone)]
 pub struct JobQueue {
-    tx: mpsc::Sender<Job>,
+    queue: Arc<Queue>,
 }
 
 impl JobQueue {
     /// Queues a job without waiting.
     ///
     /// # Errors
-    /// [`SubmitError::Full`] if the queue is full, [`SubmitError::Closed`] if
-    /// the executor has stopped.
+    /// [`SubmitError::Full`] if the queue is full,
+    /// [`SubmitError::SourceFull`] if the job's source has its share of it,
+    /// [`SubmitError::Closed`] if the executor has stopped.
     pub fn try_submit(&self, job: Job) -> Result<(), SubmitError> {
-        self.tx.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => SubmitError::Full(self.tx.max_capacity()),
-            mpsc::error::TrySendError::Closed(_) => SubmitError::Closed,
-        })
+        self.queue.try_push(job.source, job).map_err(|(e, _)| e)
+    }
+
+    /// Jobs waiting for the GPU.
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Whether no job is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
-/// GPU timestamp queries around each compute pass.
+/// Reloads kernels and injects faults on a running executor.
+#[derive(Debug, Clone)]
+pub struct ExecutorControl {
+    queue: Arc<Queue>,
+}
+
+impl ExecutorControl {
+    /// Loads the shipped kernels and those in `kernel_dir` again and
+    /// compiles them; on success new calls use them (calls already checked
+    /// run with the kernels they were checked against). On failure nothing
+    /// changes.
+    ///
+    /// # Errors
+    /// [`GpuError`] for a kernel that does not parse or compile, an
+    /// unreadable directory, or a stopped executor.
+    pub async fn reload(&self, kernel_dir: Option<PathBuf>) -> Result<Vec<String>, GpuError> {
+        let (reply, rx) = oneshot::channel();
+        self.queue
+            .push_control(Control::Reload { kernel_dir, reply })
+            .map_err(|_| GpuError::Thread("the GPU executor has stopped".into()))?;
+        rx.await
+            .map_err(|_| GpuError::Thread("the GPU executor has stopped".into()))?
+    }
+
+    /// Destroys the device as a driver reset would. Calls in flight fail
+    /// with Unavailable; the executor recreates the device and its
+    /// pipelines before running anything else. For fault-injection tests.
+    pub async fn lose_device(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .queue
+            .push_control(Control::LoseDevice { reply })
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// GPU timestamp queries around each compute pass of a batch.
 struct Timestamps {
     query_set: wgpu::QuerySet,
-    /// Where the two timestamps are resolved before being copied out.
+    /// Where the timestamps are resolved before being copied out.
     resolve: wgpu::Buffer,
     /// Nanoseconds per timestamp tick.
     period_ns: f32,
 }
 
 /// A kernel compiled for the device.
+#[derive(Debug)]
 struct Compiled {
     bind_group_layout: wgpu::BindGroupLayout,
     pipelines: Vec<wgpu::ComputePipeline>,
-    uniform: Option<wgpu::Buffer>,
+}
+
+/// A kernel's name and WGSL source, kept so a new device can compile the
+/// same kernels even if the files have changed since.
+#[derive(Debug, Clone)]
+struct KernelSource {
+    name: String,
+    source: Cow<'static, str>,
+}
+
+/// One device and what lives on it.
+struct Gpu {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    pool: BufferPool,
+    timestamps: Option<Timestamps>,
+    caps: DeviceCaps,
+    /// Set by wgpu when the device is lost.
+    lost: Arc<AtomicBool>,
+    /// Counts devices since start-up; registries remember theirs.
+    generation: u64,
+}
+
+/// The pipelines of one registry version, kept while any job (or the
+/// current registry) holds that version.
+struct CompiledSet {
+    version: u64,
+    registry: std::sync::Weak<Registry>,
+    kernels: Vec<Compiled>,
 }
 
 /// The state owned by the executor thread.
 struct Worker {
-    device: wgpu::Device,
-    queue: wgpu::Queue,
-    kernels: Vec<Compiled>,
-    interfaces: Vec<KernelInterface>,
-    pool: BufferPool,
-    poll_timeout: Duration,
+    config: GpuConfig,
+    sources: Vec<KernelSource>,
+    gpu: Gpu,
+    /// Pipelines of the registries still in use, on the current device.
+    compiled: Vec<CompiledSet>,
+    kernels: Arc<Kernels>,
     stats: Arc<ExecutorStats>,
-    timestamps: Option<Timestamps>,
+    queue: Arc<Queue>,
 }
 
-type Ready = (AdapterSummary, DeviceCaps, Registry);
+type Ready = (AdapterSummary, Arc<Kernels>);
 
-impl Worker {
-    fn init(config: &GpuConfig, stats: Arc<ExecutorStats>) -> Result<(Self, Ready), GpuError> {
+/// Per call of a batch: the GPU resources it holds until it is read back.
+struct Prepared {
+    buffers: Vec<wgpu::Buffer>,
+    uniform: Option<wgpu::Buffer>,
+    readback: Option<wgpu::Buffer>,
+    map_len: u64,
+    stamps_at: u64,
+}
+
+/// How a batch as a whole went wrong.
+enum BatchError {
+    /// wgpu validation: some call in the batch is at fault.
+    Validation(String),
+    /// Anything else (timeout, lost device): every call of it fails so.
+    All(ExecError),
+}
+
+impl Gpu {
+    fn new(config: &GpuConfig, generation: u64) -> Result<(Self, AdapterSummary), GpuError> {
         let adapter = choose_adapter(config.adapter.as_deref())?;
         let summary = AdapterSummary::from_info(&adapter.get_info());
         let limits = adapter.limits();
@@ -350,29 +561,17 @@ impl Worker {
             source,
         })?;
         // The default handler panics; errors outside a scope are logged and
-        // the scopes around each call report that call's errors.
+        // the scopes around each batch report that batch's errors.
         device.on_uncaptured_error(Arc::new(|e| {
             tracing::error!(error = %e, "uncaptured wgpu error");
         }));
-
-        let parsed = load_kernels(config.kernel_dir.as_deref())?;
-        let mut kernels = Vec::with_capacity(parsed.len());
-        let mut interfaces = Vec::with_capacity(parsed.len());
-        let mut by_name = HashMap::new();
-        for p in parsed {
-            kernels.push(compile(&device, &p.interface, p.module)?);
-            by_name.insert(p.interface.name.clone(), interfaces.len());
-            interfaces.push(p.interface);
-        }
-        let caps = DeviceCaps {
-            max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
-            max_storage_binding: limits.max_storage_buffer_binding_size,
-            max_buffer_size: limits.max_buffer_size,
-        };
-        let registry = Registry {
-            kernels: interfaces.clone(),
-            by_name,
-        };
+        let lost = Arc::new(AtomicBool::new(false));
+        let flag = lost.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            tracing::error!(?reason, %message, "GPU device lost");
+            flag.store(true, Ordering::SeqCst);
+        });
+        let max_batch = config.max_batch.max(1) as u32;
         let timestamps = device
             .features()
             .contains(wgpu::Features::TIMESTAMP_QUERY)
@@ -380,315 +579,555 @@ impl Worker {
                 query_set: device.create_query_set(&wgpu::QuerySetDescriptor {
                     label: Some("quasar pass timestamps"),
                     ty: wgpu::QueryType::Timestamp,
-                    count: 2,
+                    count: 2 * max_batch,
                 }),
                 resolve: device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some("quasar timestamp resolve"),
-                    size: wgpu::QUERY_RESOLVE_BUFFER_ALIGNMENT,
+                    size: (16 * u64::from(max_batch))
+                        .div_ceil(wgpu::QUERY_RESOLVE_BUFFER_ALIGNMENT)
+                        * wgpu::QUERY_RESOLVE_BUFFER_ALIGNMENT,
                     usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
                     mapped_at_creation: false,
                 }),
                 period_ns: queue.get_timestamp_period(),
             });
-        let worker = Self {
-            timestamps,
+        let caps = DeviceCaps {
+            max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
+            max_storage_binding: limits.max_storage_buffer_binding_size,
+            max_buffer_size: limits.max_buffer_size,
+        };
+        let gpu = Self {
             pool: BufferPool::new(limits.max_buffer_size, config.max_pooled_bytes),
             device,
             queue,
-            kernels,
-            interfaces,
-            poll_timeout: config.poll_timeout,
-            stats,
+            timestamps,
+            caps,
+            lost,
+            generation,
         };
-        Ok((worker, (summary, caps, registry)))
+        Ok((gpu, summary))
     }
 
-    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
-        while let Some(job) = rx.blocking_recv() {
-            let started = Instant::now();
-            if job.reply.is_closed() {
-                self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-                continue;
+    /// Parses and compiles `sources` on this device.
+    fn registry(
+        &self,
+        sources: &[KernelSource],
+        version: u64,
+    ) -> Result<(Registry, Vec<Compiled>), GpuError> {
+        let mut kernels = Vec::with_capacity(sources.len());
+        let mut compiled = Vec::with_capacity(sources.len());
+        let mut by_name = HashMap::new();
+        for s in sources {
+            let parsed = KernelInterface::from_wgsl(&s.name, &s.source)?;
+            compiled.push(compile(&self.device, &parsed.interface, parsed.module)?);
+            by_name.insert(parsed.interface.name.clone(), kernels.len());
+            kernels.push(parsed.interface);
+        }
+        let registry = Registry {
+            kernels,
+            by_name,
+            caps: self.caps,
+            device: self.generation,
+            version,
+        };
+        Ok((registry, compiled))
+    }
+}
+
+impl Worker {
+    fn init(
+        config: GpuConfig,
+        stats: Arc<ExecutorStats>,
+        queue: Arc<Queue>,
+    ) -> Result<(Self, Ready), GpuError> {
+        let (gpu, summary) = Gpu::new(&config, 0)?;
+        let sources = load_sources(config.kernel_dir.as_deref())?;
+        let (registry, compiled) = gpu.registry(&sources, 0)?;
+        let registry = Arc::new(registry);
+        let kernels = Arc::new(Kernels(RwLock::new(registry.clone())));
+        let worker = Self {
+            config,
+            sources,
+            gpu,
+            compiled: vec![CompiledSet {
+                version: 0,
+                registry: Arc::downgrade(&registry),
+                kernels: compiled,
+            }],
+            kernels: kernels.clone(),
+            stats,
+            queue,
+        };
+        Ok((worker, (summary, kernels)))
+    }
+
+    /// Makes `registry` the one new calls use, keeping the pipelines of
+    /// older versions only while a queued job still holds them.
+    fn publish(&mut self, registry: Registry, compiled: Vec<Compiled>) {
+        let registry = Arc::new(registry);
+        self.compiled.retain(|c| c.registry.strong_count() > 0);
+        self.compiled.push(CompiledSet {
+            version: registry.version,
+            registry: Arc::downgrade(&registry),
+            kernels: compiled,
+        });
+        self.kernels.publish(registry);
+    }
+
+    fn run(mut self) {
+        loop {
+            if self.gpu.lost.load(Ordering::SeqCst) && !self.recreate() {
+                break;
             }
-            if job.deadline.is_some_and(|d| started >= d) {
-                self.stats.expired.fetch_add(1, Ordering::Relaxed);
-                let _ = job.reply.send(Err(ExecError::DeadlineExceeded));
-                continue;
+            let next = self
+                .queue
+                .next_blocking(self.config.max_batch, self.config.max_batch_bytes);
+            match next {
+                None => break,
+                Some(Next::Control(c)) => self.control(c),
+                Some(Next::Jobs(jobs)) => self.run_batch(jobs),
             }
-            let queued = started.saturating_duration_since(job.enqueued);
-            let Job {
-                plan,
-                payload,
-                reply,
-                permit,
-                ..
-            } = job;
-            // A panic inside wgpu fails this call, not the server: the
-            // buffers it held are dropped rather than returned to the pool.
-            let executed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.execute(&plan, &payload)
-            }))
-            .unwrap_or_else(|_| {
-                tracing::error!(
-                    kernel = plan.kernel,
-                    "the GPU executor panicked running a call"
-                );
-                Err(ExecError::Gpu(
-                    "the GPU executor panicked running this call".into(),
-                ))
-            });
-            drop(payload);
-            let result = executed.map(|e| JobOutput {
-                payload: e.payload,
-                queued,
-                gpu: e.device,
-                kernel: e.kernel,
-                readback: e.readback,
-                permit,
-            });
-            self.stats.calls.fetch_add(1, Ordering::Relaxed);
-            let pool = self.pool.stats();
-            self.stats
-                .buffers_created
-                .store(pool.created, Ordering::Relaxed);
-            self.stats
-                .buffers_reused
-                .store(pool.reused, Ordering::Relaxed);
-            let _ = reply.send(result);
         }
         tracing::debug!("GPU executor stopped");
     }
 
-    /// Runs one call: upload, dispatch every stage, read back the outputs.
-    fn execute(&mut self, plan: &CallPlan, payload: &Payload) -> Result<Executed, ExecError> {
-        let device = &self.device;
-        let kernel = &self.kernels[plan.kernel];
-        let iface = &self.interfaces[plan.kernel];
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-
-        let buffers: Vec<wgpu::Buffer> = plan
-            .lens
-            .iter()
-            .map(|&len| self.pool.acquire(device, PoolKind::Storage, len * 4))
-            .collect();
-        for (idx, range) in &plan.sent {
-            self.queue
-                .write_buffer(&buffers[*idx], 0, &payload[range.clone()]);
-        }
-        if let Some(u) = &kernel.uniform {
-            self.queue.write_buffer(u, 0, &plan.params);
-        }
-
-        let mut entries: Vec<wgpu::BindGroupEntry<'_>> = iface
-            .buffers
-            .iter()
-            .zip(&buffers)
-            .zip(&plan.lens)
-            .map(|((b, buf), &len)| wgpu::BindGroupEntry {
-                binding: b.binding,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: buf,
-                    offset: 0,
-                    size: NonZeroU64::new(len * 4),
-                }),
-            })
-            .collect();
-        if let (Some(p), Some(u)) = (&iface.params, &kernel.uniform) {
-            entries.push(wgpu::BindGroupEntry {
-                binding: p.binding,
-                resource: u.as_entire_binding(),
-            });
-        }
-        let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(&iface.name),
-            layout: &kernel.bind_group_layout,
-            entries: &entries,
-        });
-
-        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some(&iface.name),
-        });
-        // Server-allocated buffers start at zero, whatever a previous call
-        // left in the pooled buffer.
-        for ((b, buf), &len) in iface.buffers.iter().zip(&buffers).zip(&plan.lens) {
-            if !b.role.is_sent() {
-                encoder.clear_buffer(buf, 0, Some(len * 4));
+    fn control(&mut self, control: Control) {
+        match control {
+            Control::Reload { kernel_dir, reply } => {
+                let result = load_sources(kernel_dir.as_deref()).and_then(|sources| {
+                    let version = self.kernels.current().version + 1;
+                    let (registry, compiled) = self.gpu.registry(&sources, version)?;
+                    let names = registry.kernels.iter().map(|k| k.name.clone()).collect();
+                    self.publish(registry, compiled);
+                    self.sources = sources;
+                    self.config.kernel_dir = kernel_dir;
+                    Ok(names)
+                });
+                if result.is_ok() {
+                    self.stats.reloads.fetch_add(1, Ordering::Relaxed);
+                }
+                let _ = reply.send(result);
+            }
+            Control::LoseDevice { reply } => {
+                tracing::warn!("destroying the GPU device on request (fault injection)");
+                self.gpu.device.destroy();
+                // wgpu reports the loss on its next poll; do not wait for it.
+                self.gpu.lost.store(true, Ordering::SeqCst);
+                let _ = reply.send(());
             }
         }
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some(&iface.name),
-                timestamp_writes: self.timestamps.as_ref().map(|ts| {
-                    wgpu::ComputePassTimestampWrites {
-                        query_set: &ts.query_set,
-                        beginning_of_pass_write_index: Some(0),
-                        end_of_pass_write_index: Some(1),
+    }
+
+    /// Replaces a lost device and its pipelines. While no device can be
+    /// had, queued calls fail with Unavailable and the executor tries again
+    /// every second. False if the executor was stopped meanwhile.
+    fn recreate(&mut self) -> bool {
+        self.stats.devices_lost.fetch_add(1, Ordering::Relaxed);
+        let generation = self.gpu.generation + 1;
+        loop {
+            let version = self.kernels.current().version;
+            let rebuilt = Gpu::new(&self.config, generation).and_then(|(gpu, summary)| {
+                let (registry, compiled) = gpu.registry(&self.sources, version)?;
+                Ok((gpu, summary, registry, compiled))
+            });
+            match rebuilt {
+                Ok((gpu, summary, registry, compiled)) => {
+                    tracing::info!(adapter = %summary, generation, "GPU device recreated");
+                    self.gpu = gpu;
+                    // Pipelines of the lost device are useless.
+                    self.compiled.clear();
+                    self.publish(registry, compiled);
+                    return true;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "recreating the GPU device; retrying in 1 s");
+                    for job in self.queue.drain() {
+                        let _ = job.reply.send(Err(unavailable()));
                     }
-                }),
-            });
-            pass.set_bind_group(0, &bind_group, &[]);
-            for (pipeline, wg) in kernel.pipelines.iter().zip(&plan.workgroups) {
-                pass.set_pipeline(pipeline);
-                pass.dispatch_workgroups(wg[0], wg[1], wg[2]);
+                    if self.queue.is_closed() {
+                        return false;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
             }
         }
-        let total = plan.response_layout.total() as u64;
-        // The two pass timestamps ride in the readback buffer after the
-        // outputs, so reading them costs no extra map.
-        let stamps_at = total.div_ceil(8) * 8;
-        let map_len = if self.timestamps.is_some() {
-            stamps_at + 16
-        } else {
-            total
-        };
-        if let Some(ts) = &self.timestamps {
-            encoder.resolve_query_set(&ts.query_set, 0..2, &ts.resolve, 0);
+    }
+
+    fn run_batch(&mut self, jobs: Vec<Job>) {
+        let now = Instant::now();
+        let mut live = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            if job.reply.is_closed() {
+                self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            } else if job.deadline.is_some_and(|d| now >= d) {
+                self.stats.expired.fetch_add(1, Ordering::Relaxed);
+                let _ = job.reply.send(Err(ExecError::DeadlineExceeded));
+            } else if job.kernels.device != self.gpu.generation {
+                // Checked against a device that has been lost since.
+                let _ = job.reply.send(Err(unavailable()));
+            } else {
+                live.push(job);
+            }
         }
-        let readback =
-            (map_len > 0).then(|| self.pool.acquire(device, PoolKind::Readback, map_len));
-        if let (Some(rb), Some(ts)) = (&readback, &self.timestamps) {
-            encoder.copy_buffer_to_buffer(&ts.resolve, 0, rb, stamps_at, Some(16));
+        if live.is_empty() {
+            return;
         }
-        if let Some(rb) = &readback {
-            for (slot, &i) in plan.response_layout.slots().iter().zip(&plan.returned) {
-                encoder.copy_buffer_to_buffer(
-                    &buffers[i],
-                    0,
-                    rb,
-                    slot.start as u64,
-                    Some(plan.lens[i] * 4),
+        let gpu_start = Instant::now();
+        // A panic inside wgpu fails these calls, not the server: the
+        // buffers they held are dropped rather than returned to the pool.
+        let executed =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.execute(&live)))
+                .unwrap_or_else(|_| {
+                    tracing::error!(
+                        calls = live.len(),
+                        "the GPU executor panicked running a batch"
+                    );
+                    Err(BatchError::Validation(
+                        "the GPU executor panicked running this call".into(),
+                    ))
+                });
+        let gpu = gpu_start.elapsed();
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        let pool = self.gpu.pool.stats();
+        self.stats
+            .buffers_created
+            .store(pool.created, Ordering::Relaxed);
+        self.stats
+            .buffers_reused
+            .store(pool.reused, Ordering::Relaxed);
+        let batch = live.len();
+        match executed {
+            Ok(outputs) => {
+                self.stats.calls.fetch_add(batch as u64, Ordering::Relaxed);
+                for (job, out) in live.into_iter().zip(outputs) {
+                    let Job {
+                        payload,
+                        reply,
+                        permit,
+                        enqueued,
+                        ..
+                    } = job;
+                    drop(payload);
+                    let result = out.map(|(payload, kernel, readback)| JobOutput {
+                        payload,
+                        queued: gpu_start.saturating_duration_since(enqueued),
+                        gpu,
+                        kernel,
+                        readback,
+                        batch,
+                        permit,
+                    });
+                    let _ = reply.send(result);
+                }
+            }
+            Err(BatchError::Validation(_)) if batch > 1 => {
+                // Find the call at fault: each runs again on its own.
+                tracing::debug!(
+                    calls = batch,
+                    "a batch failed validation; running its calls one by one"
                 );
+                for job in live {
+                    self.run_batch(vec![job]);
+                }
+            }
+            Err(BatchError::Validation(message)) => {
+                self.stats.calls.fetch_add(batch as u64, Ordering::Relaxed);
+                for job in live {
+                    let _ = job.reply.send(Err(ExecError::Gpu(message.clone())));
+                }
+            }
+            Err(BatchError::All(e)) => {
+                for job in live {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    /// Runs a batch: every call's uploads, dispatches and readback copies in
+    /// one command buffer, one submission, one wait. The outputs of each
+    /// call, or why the batch as a whole failed.
+    #[allow(clippy::type_complexity)]
+    fn execute(
+        &mut self,
+        jobs: &[Job],
+    ) -> Result<Vec<Result<(Payload, Option<Duration>, Duration), ExecError>>, BatchError> {
+        let gpu = &mut self.gpu;
+        let mut sets = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let set = self
+                .compiled
+                .iter()
+                .find(|c| c.version == job.kernels.version)
+                .ok_or_else(|| BatchError::All(unavailable()))?;
+            sets.push(&set.kernels[..]);
+        }
+        let device = gpu.device.clone();
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("quasar batch"),
+        });
+        let mut prepared = Vec::with_capacity(jobs.len());
+        for (i, (job, compiled)) in jobs.iter().zip(sets).enumerate() {
+            prepared.push(encode_call(gpu, &mut encoder, job, compiled, i as u32));
+        }
+        if let Some(ts) = &gpu.timestamps {
+            encoder.resolve_query_set(&ts.query_set, 0..2 * jobs.len() as u32, &ts.resolve, 0);
+            for (i, p) in prepared.iter().enumerate() {
+                if let Some(rb) = &p.readback {
+                    encoder.copy_buffer_to_buffer(
+                        &ts.resolve,
+                        16 * i as u64,
+                        rb,
+                        p.stamps_at,
+                        Some(16),
+                    );
+                }
             }
         }
 
-        let gpu_start = Instant::now();
-        let submission = self.queue.submit([encoder.finish()]);
-        let (map_tx, map_rx) = std::sync::mpsc::sync_channel(1);
-        if let Some(rb) = &readback {
-            rb.map_async(wgpu::MapMode::Read, 0..map_len, move |r| {
-                let _ = map_tx.send(r);
-            });
+        let submission = gpu.queue.submit([encoder.finish()]);
+        let (map_tx, map_rx) = std::sync::mpsc::channel();
+        for (i, p) in prepared.iter().enumerate() {
+            if let Some(rb) = &p.readback {
+                let tx = map_tx.clone();
+                rb.map_async(wgpu::MapMode::Read, 0..p.map_len, move |r| {
+                    let _ = tx.send((i, r));
+                });
+            }
         }
+        drop(map_tx);
         let polled = device.poll(wgpu::PollType::Wait {
             submission_index: Some(submission),
-            timeout: Some(self.poll_timeout),
+            timeout: Some(self.config.poll_timeout),
         });
-        let gpu = gpu_start.elapsed();
         let scope_error = scope.pop().now_or_never().flatten();
-
-        let read_start = Instant::now();
-        let stamps = self
-            .timestamps
-            .as_ref()
-            .map(|ts| (stamps_at, f64::from(ts.period_ns)));
-        let result = finish_call(
-            scope_error,
-            polled,
-            readback.as_ref(),
-            &map_rx,
-            plan,
-            map_len,
-            stamps,
-        );
-        let read = read_start.elapsed();
-        // After a failure a buffer may still be in use or mapped (a poll
-        // that timed out leaves its map pending): never reuse those.
-        let reuse = result.is_ok();
-        for (kind, b) in readback
-            .map(|rb| (PoolKind::Readback, rb))
-            .into_iter()
-            .chain(buffers.into_iter().map(|b| (PoolKind::Storage, b)))
-        {
-            if reuse {
-                self.pool.release(kind, b);
-            } else {
-                b.destroy();
-            }
+        let mut mapped: Vec<Option<Result<(), wgpu::BufferAsyncError>>> =
+            (0..jobs.len()).map(|_| None).collect();
+        for (i, r) in map_rx.try_iter() {
+            mapped[i] = Some(r);
         }
-        result.map(|(payload, kernel)| Executed {
-            payload,
-            device: gpu,
-            kernel,
-            readback: read,
-        })
-    }
-}
 
-/// What one call's execution produced.
-struct Executed {
-    payload: Payload,
-    /// Submission to completion, executor clock.
-    device: Duration,
-    /// The compute pass alone, from GPU timestamps, where supported.
-    kernel: Option<Duration>,
-    /// Copying the outputs out of the mapped buffer.
-    readback: Duration,
-}
-
-/// Checks how a submission went and copies the outputs out of the mapped
-/// readback buffer, which is unmapped again whenever it was mapped.
-fn finish_call(
-    scope_error: Option<wgpu::Error>,
-    polled: Result<wgpu::PollStatus, wgpu::PollError>,
-    readback: Option<&wgpu::Buffer>,
-    map_rx: &std::sync::mpsc::Receiver<Result<(), wgpu::BufferAsyncError>>,
-    plan: &CallPlan,
-    map_len: u64,
-    stamps: Option<(u64, f64)>,
-) -> Result<(Payload, Option<Duration>), ExecError> {
-    let mapped = match map_rx.try_recv() {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(ExecError::Gpu(format!("mapping the outputs: {e}"))),
-        Err(_) => Err(ExecError::Gpu("the outputs were never mapped".into())),
-    };
-    let copy = |rb: &wgpu::Buffer| -> Result<(Payload, Option<Duration>), ExecError> {
-        let view = rb
-            .get_mapped_range(0..map_len)
-            .map_err(|e| ExecError::Gpu(format!("reading the outputs: {e}")))?;
-        // Copy slot by slot so padding is zero, never a previous call's bytes.
-        let mut out = Payload::with_capacity(plan.response_layout.total());
-        for slot in plan.response_layout.slots() {
-            out.resize(slot.start, 0);
-            out.extend_from_slice(&view[slot.clone()]);
-        }
-        let kernel = stamps.and_then(|(at, period_ns)| {
-            let at = at as usize;
-            let tick = |i: usize| {
-                view.get(at + 8 * i..at + 8 * i + 8)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u64::from_le_bytes)
+        let lost = gpu.lost.load(Ordering::SeqCst);
+        let failure = if lost {
+            Some(BatchError::All(unavailable()))
+        } else if let Some(e) = scope_error {
+            Some(BatchError::Validation(e.to_string()))
+        } else {
+            polled
+                .err()
+                .map(|e| BatchError::All(ExecError::Gpu(format!("waiting for the GPU: {e}"))))
+        };
+        let stamps = gpu.timestamps.as_ref().map(|ts| f64::from(ts.period_ns));
+        let mut outputs = Vec::with_capacity(jobs.len());
+        for ((job, p), mapped) in jobs.iter().zip(prepared).zip(mapped) {
+            let read_start = Instant::now();
+            let was_mapped = matches!(mapped, Some(Ok(())));
+            let out = match (&failure, &p.readback) {
+                (Some(_), _) => Err(ExecError::Gpu(String::new())),
+                (None, None) => Ok((Payload::new(), None)),
+                (None, Some(rb)) => match mapped {
+                    Some(Ok(())) => copy_out(rb, &job.plan, &p, stamps),
+                    Some(Err(e)) => Err(ExecError::Gpu(format!("mapping the outputs: {e}"))),
+                    None => Err(ExecError::Gpu("the outputs were never mapped".into())),
+                },
             };
-            let (start, end) = (tick(0)?, tick(1)?);
-            // A counter that went backwards (a reset) gives no reading.
-            let ns = end.checked_sub(start)? as f64 * period_ns;
-            Some(Duration::from_nanos(ns as u64))
-        });
-        Ok((out, kernel))
-    };
-    let out = match readback {
-        None => Ok((Payload::new(), None)),
-        Some(rb) => {
-            let out = mapped.clone().and_then(|()| copy(rb));
-            if mapped.is_ok() {
+            if let Some(rb) = p.readback.as_ref().filter(|_| was_mapped) {
                 rb.unmap();
             }
-            out
+            // After a failure a buffer may still be in use or mapped (a poll
+            // that timed out leaves its map pending): never reuse those.
+            let reuse = failure.is_none() && out.is_ok();
+            let Prepared {
+                buffers,
+                uniform,
+                readback,
+                ..
+            } = p;
+            let held = readback
+                .map(|b| (PoolKind::Readback, b))
+                .into_iter()
+                .chain(uniform.map(|b| (PoolKind::Uniform, b)))
+                .chain(buffers.into_iter().map(|b| (PoolKind::Storage, b)));
+            for (kind, b) in held {
+                if reuse {
+                    gpu.pool.release(kind, b);
+                } else {
+                    b.destroy();
+                }
+            }
+            outputs.push(out.map(|(payload, kernel)| (payload, kernel, read_start.elapsed())));
         }
-    };
-    if let Some(e) = scope_error {
-        return Err(ExecError::Gpu(e.to_string()));
+        match failure {
+            Some(f) => Err(f),
+            None => Ok(outputs),
+        }
     }
-    polled.map_err(|e| ExecError::Gpu(format!("waiting for the GPU: {e}")))?;
-    out
 }
 
-/// Parses the shipped kernels, then those in `dir` (replacing shipped ones
-/// of the same name).
-fn load_kernels(dir: Option<&Path>) -> Result<Vec<ParsedKernel>, GpuError> {
-    let mut out: Vec<ParsedKernel> = Vec::new();
-    for k in quasar_shaders::SHIPPED {
-        out.push(KernelInterface::from_wgsl(k.name, k.source)?);
+fn unavailable() -> ExecError {
+    ExecError::Unavailable("the GPU device was lost and is being recreated; retry the call".into())
+}
+
+/// Records one call into the batch's command encoder: buffers from the
+/// pool, inputs and arguments written, outputs cleared, the stages
+/// dispatched in one compute pass, outputs copied to a readback buffer.
+fn encode_call(
+    gpu: &mut Gpu,
+    encoder: &mut wgpu::CommandEncoder,
+    job: &Job,
+    compiled: &[Compiled],
+    index: u32,
+) -> Prepared {
+    let plan = &job.plan;
+    let kernel = &compiled[plan.kernel];
+    let iface = &job.kernels.kernels[plan.kernel];
+    let device = &gpu.device;
+    let buffers: Vec<wgpu::Buffer> = plan
+        .lens
+        .iter()
+        .map(|&len| gpu.pool.acquire(device, PoolKind::Storage, len * 4))
+        .collect();
+    for (idx, range) in &plan.sent {
+        gpu.queue
+            .write_buffer(&buffers[*idx], 0, &job.payload[range.clone()]);
     }
+    // Each call has its own uniform block: calls of one kernel in one batch
+    // carry different arguments.
+    let uniform = iface.params.as_ref().map(|p| {
+        let size = u64::from(p.size.div_ceil(16) * 16);
+        let buf = gpu.pool.acquire(device, PoolKind::Uniform, size);
+        gpu.queue.write_buffer(&buf, 0, &plan.params);
+        (p.binding, buf, size)
+    });
+
+    let mut entries: Vec<wgpu::BindGroupEntry<'_>> = iface
+        .buffers
+        .iter()
+        .zip(&buffers)
+        .zip(&plan.lens)
+        .map(|((b, buf), &len)| wgpu::BindGroupEntry {
+            binding: b.binding,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: buf,
+                offset: 0,
+                size: NonZeroU64::new(len * 4),
+            }),
+        })
+        .collect();
+    if let Some((binding, buf, size)) = &uniform {
+        entries.push(wgpu::BindGroupEntry {
+            binding: *binding,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: buf,
+                offset: 0,
+                size: NonZeroU64::new(*size),
+            }),
+        });
+    }
+    let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(&iface.name),
+        layout: &kernel.bind_group_layout,
+        entries: &entries,
+    });
+    // Server-allocated buffers start at zero, whatever a previous call left
+    // in the pooled buffer.
+    for ((b, buf), &len) in iface.buffers.iter().zip(&buffers).zip(&plan.lens) {
+        if !b.role.is_sent() {
+            encoder.clear_buffer(buf, 0, Some(len * 4));
+        }
+    }
+    {
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some(&iface.name),
+            timestamp_writes: gpu
+                .timestamps
+                .as_ref()
+                .map(|ts| wgpu::ComputePassTimestampWrites {
+                    query_set: &ts.query_set,
+                    beginning_of_pass_write_index: Some(2 * index),
+                    end_of_pass_write_index: Some(2 * index + 1),
+                }),
+        });
+        pass.set_bind_group(0, &bind_group, &[]);
+        for (pipeline, wg) in kernel.pipelines.iter().zip(&plan.workgroups) {
+            pass.set_pipeline(pipeline);
+            pass.dispatch_workgroups(wg[0], wg[1], wg[2]);
+        }
+    }
+    let total = plan.response_layout.total() as u64;
+    // The two pass timestamps ride in the readback buffer after the
+    // outputs, so reading them costs no extra map.
+    let stamps_at = total.div_ceil(8) * 8;
+    let map_len = if gpu.timestamps.is_some() {
+        stamps_at + 16
+    } else {
+        total
+    };
+    let readback = (map_len > 0).then(|| gpu.pool.acquire(device, PoolKind::Readback, map_len));
+    if let Some(rb) = &readback {
+        for (slot, &i) in plan.response_layout.slots().iter().zip(&plan.returned) {
+            encoder.copy_buffer_to_buffer(
+                &buffers[i],
+                0,
+                rb,
+                slot.start as u64,
+                Some(plan.lens[i] * 4),
+            );
+        }
+    }
+    Prepared {
+        buffers,
+        uniform: uniform.map(|(_, b, _)| b),
+        readback,
+        map_len,
+        stamps_at,
+    }
+}
+
+/// Copies a call's outputs (and its pass timestamps) out of its mapped
+/// readback buffer.
+fn copy_out(
+    rb: &wgpu::Buffer,
+    plan: &CallPlan,
+    p: &Prepared,
+    period_ns: Option<f64>,
+) -> Result<(Payload, Option<Duration>), ExecError> {
+    let view = rb
+        .get_mapped_range(0..p.map_len)
+        .map_err(|e| ExecError::Gpu(format!("reading the outputs: {e}")))?;
+    // Copy slot by slot so padding is zero, never a previous call's bytes.
+    let mut out = Payload::with_capacity(plan.response_layout.total());
+    for slot in plan.response_layout.slots() {
+        out.resize(slot.start, 0);
+        out.extend_from_slice(&view[slot.clone()]);
+    }
+    let kernel = period_ns.and_then(|period_ns| {
+        let at = p.stamps_at as usize;
+        let tick = |i: usize| {
+            view.get(at + 8 * i..at + 8 * i + 8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_le_bytes)
+        };
+        let (start, end) = (tick(0)?, tick(1)?);
+        // A counter that went backwards (a reset) gives no reading.
+        let ns = end.checked_sub(start)? as f64 * period_ns;
+        Some(Duration::from_nanos(ns as u64))
+    });
+    Ok((out, kernel))
+}
+
+/// The shipped kernels' sources, then those in `dir` (replacing shipped
+/// ones of the same name). Each is parsed here, so a broken file is
+/// reported with its path.
+fn load_sources(dir: Option<&Path>) -> Result<Vec<KernelSource>, GpuError> {
+    let mut out: Vec<KernelSource> = quasar_shaders::SHIPPED
+        .iter()
+        .map(|k| KernelSource {
+            name: k.name.to_owned(),
+            source: Cow::Borrowed(k.source),
+        })
+        .collect();
     let Some(dir) = dir else {
         return Ok(out);
     };
@@ -720,12 +1159,16 @@ fn load_kernels(dir: Option<&Path>) -> Result<Vec<ParsedKernel>, GpuError> {
             })?
             .to_owned();
         let source = std::fs::read_to_string(&path).map_err(io(&path))?;
-        let parsed = KernelInterface::from_wgsl(&name, &source)?;
-        if let Some(i) = out.iter().position(|k| k.interface.name == name) {
-            tracing::warn!(kernel = %name, path = %path.display(), "replacing the shipped kernel");
-            out[i] = parsed;
+        KernelInterface::from_wgsl(&name, &source)?;
+        let source = KernelSource {
+            name,
+            source: Cow::Owned(source),
+        };
+        if let Some(i) = out.iter().position(|k| k.name == source.name) {
+            tracing::warn!(kernel = %source.name, path = %path.display(), "replacing the shipped kernel");
+            out[i] = source;
         } else {
-            out.push(parsed);
+            out.push(source);
         }
     }
     Ok(out)
@@ -757,7 +1200,7 @@ fn compile(
             count: None,
         })
         .collect();
-    let uniform = iface.params.as_ref().map(|p| {
+    if let Some(p) = &iface.params {
         entries.push(wgpu::BindGroupLayoutEntry {
             binding: p.binding,
             visibility: wgpu::ShaderStages::COMPUTE,
@@ -768,13 +1211,7 @@ fn compile(
             },
             count: None,
         });
-        device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(&p.name),
-            size: u64::from(p.size.div_ceil(16) * 16),
-            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        })
-    });
+    }
     let bind_group_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
         label: Some(&iface.name),
         entries: &entries,
@@ -807,6 +1244,5 @@ fn compile(
     Ok(Compiled {
         bind_group_layout,
         pipelines,
-        uniform,
     })
 }

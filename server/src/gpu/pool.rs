@@ -19,6 +19,8 @@ pub enum PoolKind {
     Storage,
     /// Mappable buffers outputs are copied into for reading back.
     Readback,
+    /// A call's uniform block (its scalar arguments).
+    Uniform,
 }
 
 impl PoolKind {
@@ -30,6 +32,7 @@ impl PoolKind {
                     | wgpu::BufferUsages::COPY_SRC
             }
             Self::Readback => wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            Self::Uniform => wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
         }
     }
 
@@ -37,6 +40,7 @@ impl PoolKind {
         match self {
             Self::Storage => "quasar storage",
             Self::Readback => "quasar readback",
+            Self::Uniform => "quasar uniform",
         }
     }
 }
