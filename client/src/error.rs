@@ -1,6 +1,7 @@
 //! The SDK's errors: connecting, calling, and reading outputs.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use quasar_transport::tls::TlsError;
@@ -91,9 +92,10 @@ pub enum CallError {
     Reconnect {
         /// Why the old connection closed (a server shutdown, say).
         lost: quinn::ConnectionError,
-        /// Why the new one could not be made.
+        /// Why the new one could not be made (shared by every call that
+        /// was waiting for the same attempt).
         #[source]
-        source: ConnectError,
+        source: Arc<ConnectError>,
     },
 }
 

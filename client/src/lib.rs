@@ -204,8 +204,13 @@ struct Inner {
     endpoint: quinn::Endpoint,
     /// The current connection, replaced when it is lost.
     conn: std::sync::Mutex<quinn::Connection>,
-    /// Held while reconnecting, so concurrent calls reconnect once.
-    reconnecting: tokio::sync::Mutex<()>,
+    /// Held while reconnecting, so concurrent calls reconnect once; holds
+    /// the number of dials so far and the last one's failure, so calls that
+    /// waited for a failed dial share its error instead of each dialling in
+    /// turn (N waiters would otherwise take N connect timeouts).
+    reconnecting: tokio::sync::Mutex<Dials>,
+    /// The number of dials started, readable without the lock.
+    dials: std::sync::atomic::AtomicU64,
     /// Set by [`Client::close`]: a closed client never reconnects.
     closed: std::sync::atomic::AtomicBool,
     server: SocketAddr,
@@ -252,7 +257,8 @@ impl Client {
             inner: Arc::new(Inner {
                 endpoint,
                 conn: std::sync::Mutex::new(conn),
-                reconnecting: tokio::sync::Mutex::new(()),
+                reconnecting: tokio::sync::Mutex::new(Dials::default()),
+                dials: std::sync::atomic::AtomicU64::new(0),
                 closed: std::sync::atomic::AtomicBool::new(false),
                 server: config.server,
                 server_name: config.server_name,
@@ -277,22 +283,40 @@ impl Client {
 
     /// The connection, re-established first if it was lost.
     async fn connection(&self) -> Result<quinn::Connection, CallError> {
+        use std::sync::atomic::Ordering;
         let conn = self.current();
         if conn.close_reason().is_none() {
             return Ok(conn);
         }
-        let _one_at_a_time = self.inner.reconnecting.lock().await;
+        let i = &self.inner;
+        let seen = i.dials.load(Ordering::Acquire);
+        let mut dials = i.reconnecting.lock().await;
         let conn = self.current();
         let Some(lost) = conn.close_reason() else {
             return Ok(conn);
         };
-        if self.inner.closed.load(std::sync::atomic::Ordering::Acquire) {
+        if i.closed.load(Ordering::Acquire) {
             return Err(CallError::Connection(lost));
         }
-        let i = &self.inner;
-        let fresh = dial(&i.endpoint, i.server, &i.server_name, i.connect_timeout)
-            .await
-            .map_err(|source| CallError::Reconnect { lost, source })?;
+        // A dial ran while this call waited for the lock, and failed: the
+        // server is no more reachable for this call than it was for that one.
+        if let Some(source) = dials
+            .last_failure
+            .clone()
+            .filter(|_| i.dials.load(Ordering::Acquire) != seen)
+        {
+            return Err(CallError::Reconnect { lost, source });
+        }
+        i.dials.fetch_add(1, Ordering::AcqRel);
+        let fresh = match dial(&i.endpoint, i.server, &i.server_name, i.connect_timeout).await {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                let source = Arc::new(e);
+                dials.last_failure = Some(source.clone());
+                return Err(CallError::Reconnect { lost, source });
+            }
+        };
+        dials.last_failure = None;
         tracing::debug!(server = %i.server, "reconnected");
         match i.conn.lock() {
             Ok(mut c) => *c = fresh.clone(),
@@ -462,6 +486,12 @@ impl Client {
             .close(CloseCode::ClientDone.varint(), b"client closed");
         self.inner.endpoint.wait_idle().await;
     }
+}
+
+/// The outcome of the last reconnection attempt.
+#[derive(Debug, Default)]
+struct Dials {
+    last_failure: Option<Arc<ConnectError>>,
 }
 
 /// Connects and completes the handshake within `timeout`.

@@ -113,3 +113,33 @@ async fn a_closed_client_stays_closed() {
     assert!(!e.is_retryable(), "{e}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_waiting_for_a_reconnect_share_its_failure() {
+    const CALLS: u32 = 16;
+    let server = EmbeddedServer::start(|_| {}).await.expect("server");
+    let mut config = server.client_config("c").expect("cert");
+    config.retry = RetryPolicy::never();
+    config.connect_timeout = Duration::from_millis(400);
+    let client = Client::connect(config).await.expect("connect");
+    server.stop().await;
+    // Nobody answers: one dial times out, and every call that was waiting
+    // for it fails with its error instead of dialling in turn (which would
+    // take CALLS x 400 ms).
+    let started = std::time::Instant::now();
+    let calls: Vec<_> = (0..CALLS)
+        .map(|_| {
+            let c = client.clone();
+            tokio::spawn(async move { c.execute(add()).await })
+        })
+        .collect();
+    for call in calls {
+        let e = call.await.expect("join").expect_err("no server");
+        assert_eq!(e.code(), StatusCode::Unavailable, "{e}");
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(400) * CALLS / 4,
+        "{CALLS} waiting calls took {took:?}: they dialled one after another"
+    );
+}
