@@ -220,3 +220,39 @@ async fn a_full_gpu_queue_answers_resource_exhausted_at_once() {
     assert_serving(&server).await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_request_that_stalls_half_way_is_reset_after_the_read_timeout() {
+    let server = crate::support::server_with(|c| {
+        c.request_timeout = std::time::Duration::from_millis(300);
+    })
+    .await;
+    let (_endpoint, conn) = raw_connection(&server).await;
+    // Half a request, then silence (slowloris).
+    let whole = frame(&saxpy_header(1024, 1024));
+    let (mut send, mut recv) = conn.open_bi().await.expect("open");
+    send.write_all(&whole[..whole.len() / 2])
+        .await
+        .expect("write half");
+    let started = std::time::Instant::now();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        recv.read_to_end(1 << 20),
+    )
+    .await
+    .expect("the server must not wait forever");
+    match read {
+        Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code))) => assert_eq!(
+            code,
+            quasar_transport::StreamCode::RequestTimeout.varint(),
+            "reset with REQUEST_TIMEOUT"
+        ),
+        other => panic!("expected a reset, got {other:?}"),
+    }
+    assert!(started.elapsed() >= std::time::Duration::from_millis(250));
+    // The same connection keeps serving.
+    let (code, message) = raw_call(&conn, &whole).await;
+    assert_eq!(code, StatusCode::Ok, "{message}");
+    assert_serving(&server).await;
+    server.stop().await;
+}
