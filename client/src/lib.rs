@@ -62,7 +62,7 @@ use quasar_transport::{CloseCode, Limits, ReadFrameError, StreamCode};
 
 pub use call::{Call, Element, OutputRef, Response};
 pub use error::{CallError, ConnectError, OutputError, ProtocolError};
-pub use quasar_transport::{ElemType, Scalar, StatusCode, Timings};
+pub use quasar_transport::{ECHO_KERNEL, ElemType, Scalar, StatusCode, Timings};
 
 /// How to reach and authenticate to a server.
 #[derive(Clone)]
@@ -323,6 +323,17 @@ impl Client {
             Err(poisoned) => *poisoned.into_inner() = fresh.clone(),
         }
         Ok(fresh)
+    }
+
+    /// A round trip through the server's built-in echo with no data: the
+    /// connection is up and the server answers. Returns the round-trip time.
+    ///
+    /// # Errors
+    /// [`CallError`], as for [`Client::execute`].
+    pub async fn ping(&self) -> Result<Duration, CallError> {
+        let started = Instant::now();
+        self.execute(Call::new(ECHO_KERNEL)).await?;
+        Ok(started.elapsed())
     }
 
     /// Runs a call and waits for its outputs.

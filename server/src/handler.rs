@@ -7,6 +7,10 @@
 //! payload; queue the job for the GPU; await the result, the caller going
 //! away, or the deadline; write the reply and finish the stream.
 //!
+//! The built-in echo ([`ECHO_KERNEL`]) takes the same path up to the
+//! kernel lookup, then sends the request's payload back as the response's,
+//! with no GPU work: what remains is the framework's own cost.
+//!
 //! Every refusal is a status reply with a message. When the request was not
 //! read to its end, the server also sends `STOP_SENDING` with
 //! [`StreamCode::RequestRejected`] so the client stops uploading. A request
@@ -25,12 +29,12 @@ use std::time::{Duration, Instant};
 
 use quasar_transport::frame::FrameKind;
 use quasar_transport::io::{read_aligned, read_frame, write_frame};
-use quasar_transport::wire::{access_request, encode_response};
+use quasar_transport::wire::{ArchivedRequestHeader, access_request, encode_response};
 use quasar_transport::{
-    BufferDesc, CloseCode, FrameError, ReadFrameError, ResponseHeader, StatusCode, StreamCode,
-    Timings,
+    BufferDesc, CloseCode, ECHO_KERNEL, FrameError, ReadFrameError, ResponseHeader, StatusCode,
+    StreamCode, Timings,
 };
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -38,7 +42,7 @@ use crate::Shared;
 use crate::access::Identity;
 use crate::admission::{Admission, Slot};
 use crate::gpu::executor::{Job, JobOutput, SubmitError};
-use crate::kernel::plan::plan;
+use crate::kernel::plan::{plan, plan_echo};
 
 /// What one connection's calls share.
 struct Conn {
@@ -252,6 +256,71 @@ async fn call(
     }
 }
 
+/// Reserves `bytes` from the connection's in-flight budget (so one client
+/// cannot take it all), then from the server's; the permits travel with the
+/// call's bytes.
+fn reserve(shared: &Shared, conn: &Conn, bytes: u64) -> Result<Vec<OwnedSemaphorePermit>, Failure> {
+    let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+    let exhausted = |whose: &str, budget: u32| {
+        Failure::status(
+            StatusCode::ResourceExhausted,
+            format!(
+                "{whose} in-flight byte budget ({budget} KiB) cannot take this call's {kib} KiB now; retry later"
+            ),
+            true,
+        )
+    };
+    let conn_permit = conn
+        .budget
+        .clone()
+        .try_acquire_many_owned(kib)
+        .map_err(|_| exhausted("this connection's", shared.connection_budget_kib))?;
+    let permit = shared
+        .budget
+        .clone()
+        .try_acquire_many_owned(kib)
+        .map_err(|_| exhausted("the server's", shared.budget_kib))?;
+    Ok(vec![conn_permit, permit])
+}
+
+/// The built-in echo: the request's buffers back, unchanged, with no GPU
+/// work. The request payload becomes the response payload (moved, not
+/// copied), so the call holds its bytes once.
+async fn echo(
+    recv: &mut quinn::RecvStream,
+    shared: &Shared,
+    conn: &Conn,
+    header: &ArchivedRequestHeader,
+    payload_len: u64,
+    read_deadline: tokio::time::Instant,
+) -> Result<Success, Failure> {
+    let buffers = plan_echo(header, payload_len, &shared.limits)
+        .map_err(|e| Failure::status(e.code, e.message, true))?;
+    let permit = reserve(shared, conn, payload_len)?;
+    let payload =
+        tokio::time::timeout_at(read_deadline, read_aligned(recv, payload_len, "payload"))
+            .await
+            .map_err(|_| Failure::Reset(StreamCode::RequestTimeout))?
+            .map_err(read_failure)?;
+    Ok(Success {
+        header: ResponseHeader {
+            status: StatusCode::Ok.as_u16(),
+            message: String::new(),
+            buffers,
+            timings: Timings::default(),
+        },
+        output: JobOutput {
+            payload,
+            queued: Duration::ZERO,
+            gpu: Duration::ZERO,
+            kernel: None,
+            readback: Duration::ZERO,
+            batch: 0,
+            permit,
+        },
+    })
+}
+
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
@@ -306,6 +375,17 @@ async fn run(
     if shared.access_log {
         *kernel_name = Some(requested.chars().take(64).collect());
     }
+    if requested == ECHO_KERNEL {
+        return echo(
+            recv,
+            shared,
+            conn,
+            header,
+            prefix.payload_len,
+            read_deadline,
+        )
+        .await;
+    }
     // Checked against the kernels and policy as they are now; a reload
     // meanwhile does not change what this call runs.
     let registry = shared.kernels.current();
@@ -349,30 +429,9 @@ async fn run(
     )
     .map_err(|e| Failure::status(e.code, e.message, true))?;
 
-    // Reserve the request and response bytes before allocating either:
-    // from the connection's budget (so one client cannot take it all),
-    // then from the server's.
+    // Reserve the request and response bytes before allocating either.
     let bytes = prefix.payload_len + plan.response_layout.total() as u64;
-    let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
-    let exhausted = |whose: &str, budget: u32| {
-        Failure::status(
-            StatusCode::ResourceExhausted,
-            format!(
-                "{whose} in-flight byte budget ({budget} KiB) cannot take this call's {kib} KiB now; retry later"
-            ),
-            true,
-        )
-    };
-    let conn_permit = conn
-        .budget
-        .clone()
-        .try_acquire_many_owned(kib)
-        .map_err(|_| exhausted("this connection's", shared.connection_budget_kib))?;
-    let permit = shared
-        .budget
-        .clone()
-        .try_acquire_many_owned(kib)
-        .map_err(|_| exhausted("the server's", shared.budget_kib))?;
+    let permit = reserve(shared, conn, bytes)?;
 
     let payload = tokio::time::timeout_at(
         read_deadline,
@@ -413,7 +472,7 @@ async fn run(
             enqueued: Instant::now(),
             deadline,
             reply: reply_tx,
-            permit: vec![conn_permit, permit],
+            permit,
         })
         .map_err(|e| match e {
             SubmitError::Full(_) | SubmitError::SourceFull(_) => {

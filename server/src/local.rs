@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quasar_transport::wire::{PayloadLayout, access_request, encode_request};
-use quasar_transport::{Limits, Payload, RequestHeader, StatusCode, Timings};
+use quasar_transport::{ECHO_KERNEL, Limits, Payload, RequestHeader, StatusCode, Timings};
 use thiserror::Error;
 use tokio::sync::oneshot;
 
 use crate::gpu::executor::{GpuExecutor, Job, JobOutput, SubmitError};
 use crate::gpu::{AdapterSummary, GpuError};
-use crate::kernel::plan::plan;
+use crate::kernel::plan::{plan, plan_echo};
 use crate::{GpuConfig, Registry};
 
 /// Why a local dispatch failed: the status the server would have sent.
@@ -81,6 +81,9 @@ impl LocalDispatcher {
     ) -> Result<LocalOutput, LocalError> {
         let started = Instant::now();
         let fail = |code, message: String| LocalError { code, message };
+        if header.kernel == ECHO_KERNEL {
+            return self.echo(header, payload, started);
+        }
         let (layout, rx) = self.submit(header, payload)?;
         let out = rx
             .await
@@ -95,6 +98,40 @@ impl LocalDispatcher {
                 kernel_us: out.kernel.map(micros),
                 readback_us: micros(out.readback),
                 total_us: micros(started.elapsed()),
+            },
+        })
+    }
+
+    /// The built-in echo, checked as the server checks it.
+    fn echo(
+        &self,
+        header: &RequestHeader,
+        payload: Payload,
+        started: Instant,
+    ) -> Result<LocalOutput, LocalError> {
+        let invalid = |message: String| LocalError {
+            code: StatusCode::InvalidArgument,
+            message,
+        };
+        let bytes = encode_request(header).map_err(|e| invalid(e.to_string()))?;
+        let archived = access_request(&bytes).map_err(|e| invalid(e.to_string()))?;
+        plan_echo(archived, payload.len() as u64, &self.limits).map_err(|e| LocalError {
+            code: e.code,
+            message: e.message,
+        })?;
+        let layout = PayloadLayout::new(
+            header
+                .buffers
+                .iter()
+                .map(|b| (b.name.as_str(), b.elem, b.len)),
+        )
+        .map_err(|e| invalid(e.to_string()))?;
+        Ok(LocalOutput {
+            payload,
+            layout,
+            timings: Timings {
+                total_us: micros(started.elapsed()),
+                ..Timings::default()
             },
         })
     }

@@ -15,7 +15,7 @@ use quasar::bench::{self, Plan, plot};
 use quasar::embedded::EmbeddedServer;
 use quasar::samples::{call_for, host_outputs};
 use quasar_certs::CertificateAuthority;
-use quasar_client::{Call, CallError, Client, ClientConfig, ConnectError, StatusCode};
+use quasar_client::{Call, CallError, Client, ClientConfig, ConnectError, ECHO_KERNEL, StatusCode};
 use quasar_server::GpuConfig;
 use quasar_server::local::LocalDispatcher;
 use quasar_shaders::{SHIPPED, Sample, sample::seeded};
@@ -47,12 +47,13 @@ pub struct BenchArgs {
     /// This client's private key (PEM).
     #[arg(long, required_unless_present = "embedded")]
     key: Option<PathBuf>,
-    /// Kernel to call.
+    /// Kernel to call; `quasar.echo` is the server's built-in echo (no GPU
+    /// work: the framework's own cost).
     #[arg(long)]
     kernel: String,
     /// Problem size for a shipped kernel: elements of its main input (the
-    /// matrix side for matmul). Random inputs; the first result is checked
-    /// against the CPU reference.
+    /// matrix side for matmul), or u32s for `quasar.echo`. Random inputs;
+    /// the first result is checked against the CPU reference.
     #[arg(long, default_value_t = 1024)]
     size: usize,
     /// For other kernels: scalar argument NAME=VALUE[:TYPE], as in `quasar call`.
@@ -249,7 +250,14 @@ pub async fn run(a: BenchArgs) -> Result<()> {
 
     // The call: a shipped kernel's sample, or the given args and inputs.
     let shipped = SHIPPED.iter().any(|k| k.name == a.kernel);
-    let (mut call, sample) = if shipped && a.inputs.is_empty() && a.args.is_empty() {
+    let echo_default = a.kernel == ECHO_KERNEL && a.inputs.is_empty() && a.args.is_empty();
+    let (mut call, sample) = if echo_default {
+        // The framework alone: `--size` u32s up and the same back.
+        let data: Vec<u32> = (0..a.size as u32)
+            .map(|i| i.wrapping_mul(2_654_435_761))
+            .collect();
+        (Call::new(ECHO_KERNEL).input("data", &data), None)
+    } else if shipped && a.inputs.is_empty() && a.args.is_empty() {
         let limit = quasar_transport::Limits::default().max_payload_len;
         if let Some(bytes) = quasar_shaders::sample::request_bytes(&a.kernel, a.size)
             && bytes > limit
@@ -292,6 +300,13 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     if let Some(s) = &sample {
         s.check(&host_outputs(&probe))
             .map_err(|m| anyhow!("the server's result differs from the CPU reference: {m}"))?;
+    }
+    if echo_default {
+        let sent = call.clone().into_request()?.1;
+        let back = probe.output::<u32>("data")?;
+        if bytemuck::cast_slice::<u32, u8>(back) != sent[0].as_ref() {
+            bail!("the echo came back different from what was sent");
+        }
     }
     let work = Arc::new(Workload::new(call, probe.payload_len() as u64)?);
 

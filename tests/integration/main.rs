@@ -13,6 +13,7 @@ mod cli;
 mod concurrency;
 mod connections;
 mod deadlines;
+mod echo;
 mod fairness;
 mod faults;
 mod kernels;

@@ -34,8 +34,8 @@ pub use io::{ReadFrameError, read_frame, write_frame};
 pub use limits::Limits;
 pub use status::{CloseCode, StatusCode, StreamCode};
 pub use wire::{
-    BufferDesc, ElemType, NamedScalar, PAYLOAD_ALIGN, Payload, PayloadLayout, RequestHeader,
-    ResponseHeader, Scalar, Timings, WireError,
+    BufferDesc, ECHO_KERNEL, ElemType, NamedScalar, PAYLOAD_ALIGN, Payload, PayloadLayout,
+    RequestHeader, ResponseHeader, Scalar, Timings, WireError,
 };
 
 /// The protocol version this build speaks; it travels in every frame prefix.

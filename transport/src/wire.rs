@@ -25,6 +25,12 @@ use crate::StatusCode;
 /// 16-byte vectors).
 pub const PAYLOAD_ALIGN: usize = 16;
 
+/// The built-in echo "kernel": the server answers with the request's
+/// buffers unchanged, under the same names, without touching the GPU. It
+/// measures what the framework itself costs (a ping at size 0); every
+/// authenticated client may call it, whatever the access policy says.
+pub const ECHO_KERNEL: &str = "quasar.echo";
+
 /// An owned, [`PAYLOAD_ALIGN`]-aligned byte buffer: received headers and
 /// payloads are read into these so they can be viewed in place.
 pub type Payload = AlignedVec<PAYLOAD_ALIGN>;

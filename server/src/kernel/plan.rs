@@ -79,6 +79,45 @@ fn invalid(message: impl Into<String>) -> PlanError {
     }
 }
 
+/// Checks an echo request (whose payload is `payload_len` bytes): buffers
+/// within the limit and laid out exactly as the payload, no arguments. The
+/// response carries the same buffers, so its description is returned.
+///
+/// # Errors
+/// [`PlanError`] with `InvalidArgument`.
+pub fn plan_echo(
+    req: &ArchivedRequestHeader,
+    payload_len: u64,
+    limits: &Limits,
+) -> Result<Vec<quasar_transport::BufferDesc>, PlanError> {
+    if req.buffers.len() > limits.max_buffers {
+        return Err(invalid(format!(
+            "{} buffers exceed the limit of {}",
+            req.buffers.len(),
+            limits.max_buffers
+        )));
+    }
+    if !req.args.is_empty() {
+        return Err(invalid("the echo takes no arguments"));
+    }
+    PayloadLayout::new(
+        req.buffers
+            .iter()
+            .map(|b| (b.name.as_str(), b.elem.to_native(), b.len.to_native())),
+    )
+    .and_then(|layout| layout.check_len(payload_len))
+    .map_err(|e| invalid(e.to_string()))?;
+    Ok(req
+        .buffers
+        .iter()
+        .map(|b| quasar_transport::BufferDesc {
+            name: b.name.as_str().to_owned(),
+            elem: b.elem.to_native(),
+            len: b.len.to_native(),
+        })
+        .collect())
+}
+
 /// Checks `req` (whose payload is `payload_len` bytes) against `k`.
 ///
 /// # Errors
