@@ -449,6 +449,17 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         s.stop().await;
     }
     if let Some(s) = embedded {
+        // How the embedded server's executor batched the remote calls
+        // (warm-up and probe included).
+        let stats = s.stats();
+        let calls = stats.calls.load(std::sync::atomic::Ordering::Relaxed);
+        let batches = stats.batches.load(std::sync::atomic::Ordering::Relaxed);
+        if batches > 0 {
+            eprintln!(
+                "server GPU executor: {calls} calls in {batches} submissions ({:.1} calls per submission)",
+                calls as f64 / batches as f64
+            );
+        }
         s.stop().await;
     }
     if cancel.is_cancelled() {
