@@ -47,3 +47,63 @@ async fn two_hundred_fifty_six_concurrent_calls_on_one_connection() {
     assert_serving(&server).await;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_that_arrive_together_share_submissions_and_keep_their_results() {
+    use quasar::samples::{call_for, host_outputs};
+    use quasar_shaders::Sample;
+    use std::sync::atomic::Ordering;
+
+    let server = server_with(|_| {}).await;
+    let client = client(&server).await;
+    let kernels = [
+        "saxpy",
+        "add",
+        "mul",
+        "reduce_sum",
+        "matmul",
+        "prefix_sum",
+        "histogram",
+    ];
+    // Every kernel once first, so the batches below are not the first use.
+    let mut rng = StdRng::seed_from_u64(1);
+    for k in kernels {
+        let s = Sample::for_kernel(k, 64, &mut rng).expect("sample");
+        client.execute(call_for(&s)).await.expect("warm-up");
+    }
+    let before = (
+        server.stats().calls.load(Ordering::Relaxed),
+        server.stats().batches.load(Ordering::Relaxed),
+    );
+    let mut tasks = JoinSet::new();
+    for task in 0..128u64 {
+        let client = client.clone();
+        tasks.spawn(async move {
+            let mut rng = StdRng::seed_from_u64(100 + task);
+            let kernel = kernels[task as usize % kernels.len()];
+            let size = if kernel == "matmul" {
+                rng.random_range(1..40)
+            } else {
+                rng.random_range(1..20_000)
+            };
+            let s = Sample::for_kernel(kernel, size, &mut rng).expect("sample");
+            let r = client
+                .execute(call_for(&s))
+                .await
+                .unwrap_or_else(|e| panic!("task {task}: {e}"));
+            s.check(&host_outputs(&r))
+                .unwrap_or_else(|m| panic!("task {task} ({kernel}, {size}): {m}"));
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.expect("task panicked");
+    }
+    let calls = server.stats().calls.load(Ordering::Relaxed) - before.0;
+    let batches = server.stats().batches.load(Ordering::Relaxed) - before.1;
+    assert_eq!(calls, 128);
+    assert!(
+        batches < calls,
+        "{calls} concurrent calls took {batches} submissions: nothing was batched"
+    );
+    server.stop().await;
+}

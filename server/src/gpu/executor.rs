@@ -515,6 +515,7 @@ type Ready = (AdapterSummary, Arc<Kernels>);
 
 /// Per call of a batch: the GPU resources it holds until it is read back.
 struct Prepared {
+    bind_group: wgpu::BindGroup,
     buffers: Vec<wgpu::Buffer>,
     uniform: Option<wgpu::Buffer>,
     readback: Option<wgpu::Buffer>,
@@ -868,8 +869,39 @@ impl Worker {
             label: Some("quasar batch"),
         });
         let mut prepared = Vec::with_capacity(jobs.len());
-        for (i, (job, compiled)) in jobs.iter().zip(sets).enumerate() {
-            prepared.push(encode_call(gpu, &mut encoder, job, compiled, i as u32));
+        for (job, compiled) in jobs.iter().zip(&sets) {
+            prepared.push(prepare_call(gpu, &mut encoder, job, compiled));
+        }
+        // With timestamps each call has its own pass (the queries time a
+        // pass); without, every call shares one, which saves lavapipe a
+        // pass set-up per call.
+        match &gpu.timestamps {
+            Some(ts) => {
+                for (i, ((job, compiled), p)) in jobs.iter().zip(&sets).zip(&prepared).enumerate() {
+                    let i = i as u32;
+                    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: Some("quasar call"),
+                        timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                            query_set: &ts.query_set,
+                            beginning_of_pass_write_index: Some(2 * i),
+                            end_of_pass_write_index: Some(2 * i + 1),
+                        }),
+                    });
+                    dispatch_call(&mut pass, job, compiled, p);
+                }
+            }
+            None => {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("quasar batch"),
+                    timestamp_writes: None,
+                });
+                for ((job, compiled), p) in jobs.iter().zip(&sets).zip(&prepared) {
+                    dispatch_call(&mut pass, job, compiled, p);
+                }
+            }
+        }
+        for (job, p) in jobs.iter().zip(&prepared) {
+            copy_to_readback(&mut encoder, job, p);
         }
         if let Some(ts) = &gpu.timestamps {
             encoder.resolve_query_set(&ts.query_set, 0..2 * jobs.len() as u32, &ts.resolve, 0);
@@ -939,11 +971,13 @@ impl Worker {
             // that timed out leaves its map pending): never reuse those.
             let reuse = failure.is_none() && out.is_ok();
             let Prepared {
+                bind_group,
                 buffers,
                 uniform,
                 readback,
                 ..
             } = p;
+            drop(bind_group);
             let held = readback
                 .map(|b| (PoolKind::Readback, b))
                 .into_iter()
@@ -969,15 +1003,13 @@ fn unavailable() -> ExecError {
     ExecError::Unavailable("the GPU device was lost and is being recreated; retry the call".into())
 }
 
-/// Records one call into the batch's command encoder: buffers from the
-/// pool, inputs and arguments written, outputs cleared, the stages
-/// dispatched in one compute pass, outputs copied to a readback buffer.
-fn encode_call(
+/// Sets one call up in the batch: buffers from the pool, inputs and
+/// arguments written, its bind group, outputs cleared, a readback buffer.
+fn prepare_call(
     gpu: &mut Gpu,
     encoder: &mut wgpu::CommandEncoder,
     job: &Job,
     compiled: &[Compiled],
-    index: u32,
 ) -> Prepared {
     let plan = &job.plan;
     let kernel = &compiled[plan.kernel];
@@ -1037,24 +1069,6 @@ fn encode_call(
             encoder.clear_buffer(buf, 0, Some(len * 4));
         }
     }
-    {
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some(&iface.name),
-            timestamp_writes: gpu
-                .timestamps
-                .as_ref()
-                .map(|ts| wgpu::ComputePassTimestampWrites {
-                    query_set: &ts.query_set,
-                    beginning_of_pass_write_index: Some(2 * index),
-                    end_of_pass_write_index: Some(2 * index + 1),
-                }),
-        });
-        pass.set_bind_group(0, &bind_group, &[]);
-        for (pipeline, wg) in kernel.pipelines.iter().zip(&plan.workgroups) {
-            pass.set_pipeline(pipeline);
-            pass.dispatch_workgroups(wg[0], wg[1], wg[2]);
-        }
-    }
     let total = plan.response_layout.total() as u64;
     // The two pass timestamps ride in the readback buffer after the
     // outputs, so reading them costs no extra map.
@@ -1065,23 +1079,40 @@ fn encode_call(
         total
     };
     let readback = (map_len > 0).then(|| gpu.pool.acquire(device, PoolKind::Readback, map_len));
-    if let Some(rb) = &readback {
+    Prepared {
+        bind_group,
+        buffers,
+        uniform: uniform.map(|(_, b, _)| b),
+        readback,
+        map_len,
+        stamps_at,
+    }
+}
+
+/// Dispatches every stage of one call, in order.
+fn dispatch_call(pass: &mut wgpu::ComputePass<'_>, job: &Job, compiled: &[Compiled], p: &Prepared) {
+    let kernel = &compiled[job.plan.kernel];
+    pass.set_bind_group(0, &p.bind_group, &[]);
+    for (pipeline, wg) in kernel.pipelines.iter().zip(&job.plan.workgroups) {
+        pass.set_pipeline(pipeline);
+        pass.dispatch_workgroups(wg[0], wg[1], wg[2]);
+    }
+}
+
+/// Copies one call's outputs into its readback buffer, laid out as its
+/// response payload.
+fn copy_to_readback(encoder: &mut wgpu::CommandEncoder, job: &Job, p: &Prepared) {
+    let plan = &job.plan;
+    if let Some(rb) = &p.readback {
         for (slot, &i) in plan.response_layout.slots().iter().zip(&plan.returned) {
             encoder.copy_buffer_to_buffer(
-                &buffers[i],
+                &p.buffers[i],
                 0,
                 rb,
                 slot.start as u64,
                 Some(plan.lens[i] * 4),
             );
         }
-    }
-    Prepared {
-        buffers,
-        uniform: uniform.map(|(_, b, _)| b),
-        readback,
-        map_len,
-        stamps_at,
     }
 }
 
