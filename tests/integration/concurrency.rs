@@ -107,3 +107,34 @@ async fn calls_that_arrive_together_share_submissions_and_keep_their_results() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_steady_state_allocates_no_gpu_buffers() {
+    use std::sync::atomic::Ordering;
+    let server = server_with(|_| {}).await;
+    let client = client(&server).await;
+    let x = vec![1.0f32; 1024];
+    let call = || {
+        Call::new("saxpy")
+            .arg("a", 2.0f32)
+            .input("x", &x)
+            .input("y", &x)
+    };
+    for _ in 0..5 {
+        client.execute(call()).await.expect("warm-up");
+    }
+    let stats = server.stats();
+    let created = stats.buffers_created.load(Ordering::Relaxed);
+    let reused = stats.buffers_reused.load(Ordering::Relaxed);
+    for _ in 0..100 {
+        client.execute(call()).await.expect("call");
+    }
+    assert_eq!(
+        stats.buffers_created.load(Ordering::Relaxed),
+        created,
+        "calls of a steady size created GPU buffers"
+    );
+    // Two storage buffers, one uniform block and one readback buffer each.
+    assert_eq!(stats.buffers_reused.load(Ordering::Relaxed) - reused, 400);
+    server.stop().await;
+}
