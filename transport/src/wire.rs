@@ -185,9 +185,10 @@ pub struct RequestHeader {
 pub struct Timings {
     /// From the request being queued for the GPU to the executor taking it.
     pub queued_us: u64,
-    /// From submission to the GPU to its completion (executor clock): the
-    /// uploads staged by the queue, every dispatch, and the copy of the
-    /// outputs into the mappable readback buffer.
+    /// The executor's time for the submission the call was part of (calls
+    /// that arrive together share one): staging the uploads, encoding,
+    /// every dispatch, the copy of the outputs into the mappable readback
+    /// buffer, to completion (executor clock).
     pub gpu_us: u64,
     /// The compute pass alone (every dispatch), from GPU timestamp queries;
     /// `None` where the adapter does not support them.
