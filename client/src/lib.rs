@@ -209,7 +209,7 @@ struct Inner {
     /// waited for a failed dial share its error instead of each dialling in
     /// turn (N waiters would otherwise take N connect timeouts).
     reconnecting: tokio::sync::Mutex<Dials>,
-    /// The number of dials started, readable without the lock.
+    /// The number of dials finished, readable without the lock.
     dials: std::sync::atomic::AtomicU64,
     /// Set by [`Client::close`]: a closed client never reconnects.
     closed: std::sync::atomic::AtomicBool,
@@ -307,8 +307,11 @@ impl Client {
         {
             return Err(CallError::Reconnect { lost, source });
         }
+        let dialled = dial(&i.endpoint, i.server, &i.server_name, i.connect_timeout).await;
+        // Counted when finished: every call that arrived while this dial ran
+        // sees the count change and shares its outcome.
         i.dials.fetch_add(1, Ordering::AcqRel);
-        let fresh = match dial(&i.endpoint, i.server, &i.server_name, i.connect_timeout).await {
+        let fresh = match dialled {
             Ok(fresh) => fresh,
             Err(e) => {
                 let source = Arc::new(e);

@@ -13,7 +13,7 @@
 //! - past `max_handshakes` handshakes in progress it is refused, and a
 //!   handshake that does not finish within `handshake_timeout` is dropped.
 //!
-//! A [`Slot`] holds an admitted connection's place in the counts and gives
+//! A `Slot` holds an admitted connection's place in the counts and gives
 //! it back when dropped, whatever way the connection ends.
 
 use std::collections::HashMap;
@@ -150,8 +150,8 @@ impl Admission {
             stats.refused_capacity.fetch_add(1, Ordering::Relaxed);
             return Decision::Refuse("the server has its maximum of connections");
         }
-        let from_ip = by_address.entry(ip).or_default();
-        if *from_ip >= self.limits.max_connections_per_address {
+        // Looked up, not inserted: a refused address must leave no entry.
+        if by_address.get(&ip).copied().unwrap_or(0) >= self.limits.max_connections_per_address {
             stats.refused_per_address.fetch_add(1, Ordering::Relaxed);
             return Decision::Refuse("this address has its maximum of connections");
         }
@@ -159,7 +159,7 @@ impl Admission {
             stats.refused_handshakes.fetch_add(1, Ordering::Relaxed);
             return Decision::Refuse("too many handshakes in progress");
         }
-        *from_ip += 1;
+        *by_address.entry(ip).or_default() += 1;
         stats.open.fetch_add(1, Ordering::Relaxed);
         stats.handshaking.fetch_add(1, Ordering::Relaxed);
         Decision::Accept(Slot {
@@ -244,6 +244,10 @@ mod tests {
         assert_eq!(a.stats().open.load(Ordering::Relaxed), 3);
         drop((s2, s3, s4));
         assert_eq!(a.stats().open.load(Ordering::Relaxed), 0);
+        assert!(
+            a.by_address.lock().expect("lock").is_empty(),
+            "entries left"
+        );
         assert_eq!(a.stats().handshaking.load(Ordering::Relaxed), 0);
     }
 

@@ -24,11 +24,13 @@
 //! response is held any more.
 
 use std::sync::Arc;
+
+use bytes::Bytes;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use quasar_transport::frame::FrameKind;
-use quasar_transport::io::{read_aligned, read_frame, write_frame};
+use quasar_transport::io::{read_chunked, read_frame, write_frame_chunks};
 use quasar_transport::wire::{ArchivedRequestHeader, access_request, encode_response};
 use quasar_transport::{
     BufferDesc, CloseCode, ECHO_KERNEL, FrameError, ReadFrameError, ResponseHeader, StatusCode,
@@ -41,7 +43,7 @@ use tokio_util::task::TaskTracker;
 use crate::Shared;
 use crate::access::Identity;
 use crate::admission::{Admission, Slot};
-use crate::gpu::executor::{Job, JobOutput, SubmitError};
+use crate::gpu::executor::{Job, SubmitError};
 use crate::kernel::plan::{plan, plan_echo};
 
 /// What one connection's calls share.
@@ -146,7 +148,11 @@ impl Failure {
 
 struct Success {
     header: ResponseHeader,
-    output: JobOutput,
+    /// The response payload, handed to QUIC without copying.
+    body: Vec<Bytes>,
+    /// The call's share of the in-flight budgets, released once the reply
+    /// is written.
+    permit: Vec<OwnedSemaphorePermit>,
 }
 
 async fn call(
@@ -184,18 +190,21 @@ async fn call(
         }
     };
     let total_us = || micros(header_read.unwrap_or(opened).elapsed());
-    let (header, payload): (ResponseHeader, &[u8]) = match &outcome {
-        Ok(ok) => {
-            let mut header = ok.header.clone();
+    let (header, body, held) = match outcome {
+        Ok(Success {
+            mut header,
+            body,
+            permit,
+        }) => {
             header.timings.total_us = total_us();
-            (header, &ok.output.payload[..])
+            (header, body, permit)
         }
         Err(Failure::Status {
             code,
             message,
             unread,
         }) => {
-            if *unread {
+            if unread {
                 let _ = recv.stop(StreamCode::RequestRejected.varint());
             }
             tracing::debug!(status = %code, %message, "call refused");
@@ -204,8 +213,9 @@ async fn call(
                 ..Timings::default()
             };
             (
-                ResponseHeader::error(*code, message.clone(), timings),
-                &[][..],
+                ResponseHeader::error(code, message, timings),
+                Vec::new(),
+                Vec::new(),
             )
         }
         Err(Failure::Reset(code)) => {
@@ -232,8 +242,7 @@ async fn call(
     };
     // A client that stops reading would otherwise hold this call's memory
     // (and its share of the in-flight budget) for as long as it likes.
-    let parts = [payload];
-    let write = write_frame(&mut send, FrameKind::Response, &bytes, &parts);
+    let write = write_frame_chunks(&mut send, FrameKind::Response, &bytes, &body);
     match tokio::time::timeout(shared.request_timeout, write).await {
         Ok(Ok(())) => {
             let _ = send.finish();
@@ -245,7 +254,7 @@ async fn call(
             // Release the call's memory now, then keep the stream until the
             // client has acknowledged the whole reply: a connection closed
             // by shutdown (or its last handle dropped) discards unsent data.
-            drop(outcome);
+            drop((body, held));
             let _ = tokio::time::timeout(shared.request_timeout, send.stopped()).await;
         }
         Ok(Err(e)) => tracing::debug!(error = %e, "writing a reply"),
@@ -270,6 +279,26 @@ fn reserve(shared: &Shared, conn: &Conn, bytes: u64) -> Result<Vec<OwnedSemaphor
             true,
         )
     };
+    // A call larger than a whole budget would be refused forever: say so,
+    // rather than "retry later".
+    for (whose, total, flag) in [
+        (
+            "this connection's",
+            shared.connection_budget_kib,
+            "--max-inflight-per-connection-mib",
+        ),
+        ("the server's", shared.budget_kib, "--max-inflight-mib"),
+    ] {
+        if kib > total {
+            return Err(Failure::status(
+                StatusCode::ResourceExhausted,
+                format!(
+                    "this call needs {kib} KiB in flight, more than {whose} whole in-flight budget ({total} KiB); the server's {flag} is too small for it"
+                ),
+                true,
+            ));
+        }
+    }
     let conn_permit = conn
         .budget
         .clone()
@@ -298,7 +327,7 @@ async fn echo(
         .map_err(|e| Failure::status(e.code, e.message, true))?;
     let permit = reserve(shared, conn, payload_len)?;
     let payload =
-        tokio::time::timeout_at(read_deadline, read_aligned(recv, payload_len, "payload"))
+        tokio::time::timeout_at(read_deadline, read_chunked(recv, payload_len, "payload"))
             .await
             .map_err(|_| Failure::Reset(StreamCode::RequestTimeout))?
             .map_err(read_failure)?;
@@ -309,15 +338,9 @@ async fn echo(
             buffers,
             timings: Timings::default(),
         },
-        output: JobOutput {
-            payload,
-            queued: Duration::ZERO,
-            gpu: Duration::ZERO,
-            kernel: None,
-            readback: Duration::ZERO,
-            batch: 0,
-            permit,
-        },
+        // The request's chunks go back out as they came in: no copy.
+        body: payload.chunks().to_vec(),
+        permit,
     })
 }
 
@@ -435,7 +458,7 @@ async fn run(
 
     let payload = tokio::time::timeout_at(
         read_deadline,
-        read_aligned(recv, prefix.payload_len, "payload"),
+        read_chunked(recv, prefix.payload_len, "payload"),
     )
     .await
     .map_err(|_| Failure::Reset(StreamCode::RequestTimeout))?
@@ -515,6 +538,7 @@ async fn run(
                 total_us: 0,
             },
         },
-        output,
+        body: vec![Bytes::from_owner(output.payload)],
+        permit: output.permit,
     })
 }

@@ -32,7 +32,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use quasar_transport::socket::{self, SocketBuffers};
@@ -90,7 +90,8 @@ pub struct ServerConfig {
     /// connections together; past this, calls get ResourceExhausted.
     pub max_inflight_bytes: u64,
     /// The same, for the calls of one connection: one client cannot take
-    /// the whole budget.
+    /// the whole budget. The default holds the largest call (a full
+    /// request and a full response).
     pub max_inflight_bytes_per_connection: u64,
     /// A request must arrive in full within this time of its stream opening.
     pub request_timeout: Duration,
@@ -113,7 +114,7 @@ impl ServerConfig {
             quic: QuicTuning::default(),
             admission: AdmissionLimits::default(),
             max_inflight_bytes: 1024 * 1024 * 1024,
-            max_inflight_bytes_per_connection: 256 * 1024 * 1024,
+            max_inflight_bytes_per_connection: 512 * 1024 * 1024,
             request_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             policy: Policy::allow_all(),
@@ -189,6 +190,9 @@ pub struct Server {
     admission: Arc<Admission>,
     quic: QuicTuning,
     stopping: CancellationToken,
+    /// Held while changing the endpoint's server configuration, so a reload
+    /// cannot turn handshakes back on once shutdown has turned them off.
+    config_gate: Arc<Mutex<()>>,
     shutdown_grace: Duration,
     socket_buffers: SocketBuffers,
 }
@@ -239,6 +243,7 @@ impl Server {
             admission: Arc::new(Admission::new(config.admission.clone())),
             quic: config.quic.clone(),
             stopping: CancellationToken::new(),
+            config_gate: Arc::new(Mutex::new(())),
             shutdown_grace: config.shutdown_grace,
             socket_buffers,
         })
@@ -254,6 +259,7 @@ impl Server {
             quic: self.quic.clone(),
             admission: self.admission.clone(),
             stopping: self.stopping.clone(),
+            config_gate: self.config_gate.clone(),
         }
     }
 
@@ -311,8 +317,14 @@ impl Server {
         tracing::info!("shutting down: no new connections");
         // Refuse new handshakes while in-flight calls finish (a reload
         // checks the token, so it cannot turn them back on).
-        cancel.cancel();
-        self.endpoint.set_server_config(None);
+        {
+            let _gate = self
+                .config_gate
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            cancel.cancel();
+            self.endpoint.set_server_config(None);
+        }
         tracker.close();
         if tokio::time::timeout(self.shutdown_grace, tracker.wait())
             .await
@@ -419,6 +431,7 @@ pub struct Reloader {
     quic: QuicTuning,
     admission: Arc<Admission>,
     stopping: CancellationToken,
+    config_gate: Arc<Mutex<()>>,
 }
 
 impl Reloader {
@@ -436,14 +449,18 @@ impl Reloader {
         // The kernel swap is the last step that can fail, and it is all or
         // nothing inside the executor.
         let kernels = self.control.reload(config.kernel_dir).await?;
+        let _gate = self
+            .config_gate
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.stopping.is_cancelled() {
+            return Err(ServerError::Stopped);
+        }
         *self
             .shared
             .policy
             .write()
             .unwrap_or_else(PoisonError::into_inner) = Arc::new(config.policy);
-        if self.stopping.is_cancelled() {
-            return Err(ServerError::Stopped);
-        }
         self.endpoint.set_server_config(Some(server_config));
         tracing::info!(kernels = kernels.len(), "configuration reloaded");
         Ok(kernels)

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use quasar_transport::io::ChunkedPayload;
 use quasar_transport::wire::{PayloadLayout, access_request, encode_request};
 use quasar_transport::{ECHO_KERNEL, Limits, Payload, RequestHeader, StatusCode, Timings};
 use thiserror::Error;
@@ -180,7 +181,7 @@ impl LocalDispatcher {
                 plan,
                 kernels: registry.clone(),
                 source: 0,
-                payload,
+                payload: ChunkedPayload::from_bytes(bytes::Bytes::from_owner(payload)),
                 enqueued: Instant::now(),
                 deadline: None,
                 reply: tx,

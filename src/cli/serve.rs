@@ -74,7 +74,7 @@ pub struct ServeArgs {
     /// Request and response bytes held for in-flight calls, all connections together, MiB [default: 1024].
     #[arg(long)]
     max_inflight_mib: Option<u64>,
-    /// The same, for one connection's calls, MiB [default: 256].
+    /// The same, for one connection's calls, MiB [default: 512].
     #[arg(long)]
     max_inflight_per_connection_mib: Option<u64>,
     /// Open connections, all clients together [default: 1024].
@@ -281,7 +281,7 @@ pub async fn config(a: ServeArgs) -> Result<ServerConfig> {
     config.max_inflight_bytes_per_connection = mib(a
         .max_inflight_per_connection_mib
         .or(f.max_inflight_per_connection_mib)
-        .unwrap_or(256));
+        .unwrap_or(512));
     let adm = &mut config.admission;
     adm.max_connections = a
         .max_connections
@@ -319,6 +319,7 @@ pub async fn config(a: ServeArgs) -> Result<ServerConfig> {
 }
 
 pub async fn run(a: ServeArgs) -> Result<()> {
+    let hup = hangup();
     let config = config(a.clone()).await?;
     let rules = config.policy.rules.len();
     let server = Server::bind(config).await.context("starting the server")?;
@@ -336,31 +337,43 @@ pub async fn run(a: ServeArgs) -> Result<()> {
         );
     }
     tracing::info!(addr = %server.local_addr()?, "listening (QUIC, mutual TLS, ALPN quasar/1)");
-    let reloads = tokio::spawn(reload_on_sighup(a, server.reloader()));
+    let reloads = tokio::spawn(reload_on_sighup(a, server.reloader(), hup));
     server.serve_until(shutdown_signal()).await;
     reloads.abort();
     Ok(())
 }
 
-/// Reloads the reloadable settings on every SIGHUP until aborted.
-async fn reload_on_sighup(args: ServeArgs, reloader: Reloader) {
+#[cfg(unix)]
+type Hangup = tokio::signal::unix::Signal;
+#[cfg(not(unix))]
+type Hangup = std::convert::Infallible;
+
+/// Listens for SIGHUP from now on: installed before the (slow) start-up, so
+/// a SIGHUP then cannot kill the process (its default action).
+fn hangup() -> Option<Hangup> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let mut hup = match signal(SignalKind::hangup()) {
-            Ok(s) => s,
+        match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
             Err(e) => {
                 tracing::error!(error = %e, "cannot listen for SIGHUP: no reloads");
-                return;
+                None
             }
-        };
+        }
+    }
+    #[cfg(not(unix))]
+    None
+}
+
+/// Reloads the reloadable settings on every SIGHUP until aborted.
+async fn reload_on_sighup(args: ServeArgs, reloader: Reloader, hup: Option<Hangup>) {
+    #[cfg(unix)]
+    if let Some(mut hup) = hup {
         while hup.recv().await.is_some() {
             tracing::info!("SIGHUP received: reloading certificates, CA, CRLs, policy and kernels");
             match reload(&args, &reloader).await {
-                Ok(kernels) => tracing::info!(
-                    kernels = %kernels.join(", "),
-                    "reload done"
-                ),
+                Ok(kernels) => tracing::info!(kernels = %kernels.join(", "), "reload done"),
                 Err(e) => tracing::error!(
                     error = format!("{e:#}"),
                     "reload rejected; the previous configuration keeps serving"
@@ -369,9 +382,7 @@ async fn reload_on_sighup(args: ServeArgs, reloader: Reloader) {
         }
     }
     #[cfg(not(unix))]
-    {
-        let _ = (args, reloader);
-    }
+    let _ = (args, reloader, hup);
 }
 
 async fn reload(args: &ServeArgs, reloader: &Reloader) -> Result<Vec<String>> {

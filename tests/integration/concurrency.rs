@@ -138,3 +138,39 @@ async fn the_steady_state_allocates_no_gpu_buffers() {
     assert_eq!(stats.buffers_reused.load(Ordering::Relaxed) - reused, 400);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn payload_bytes_are_copied_once_each_way_on_the_server() {
+    use std::sync::atomic::Ordering;
+    let server = server_with(|_| {}).await;
+    let client = client(&server).await;
+    let stats = server.stats();
+    let (mut sent, mut returned) = (0u64, 0u64);
+    for n in [1usize, 1000, 65_536, 1 << 20] {
+        let x = vec![1.5f32; n];
+        let r = client
+            .execute(
+                Call::new("saxpy")
+                    .arg("a", 2.0f32)
+                    .input("x", &x)
+                    .input("y", &x),
+            )
+            .await
+            .expect("call");
+        assert!(r.output::<f32>("y").expect("y").iter().all(|v| *v == 4.5));
+        sent += 2 * 4 * n as u64;
+        returned += 4 * n as u64;
+    }
+    assert_eq!(stats.bytes_copied_in.load(Ordering::Relaxed), sent);
+    assert_eq!(stats.bytes_copied_out.load(Ordering::Relaxed), returned);
+    // The echo copies nothing: the received chunks go back out.
+    let data = vec![7u32; 100_000];
+    let r = client
+        .execute(Call::new(quasar_client::ECHO_KERNEL).input("data", &data))
+        .await
+        .expect("echo");
+    assert_eq!(r.output::<u32>("data").expect("data"), &data[..]);
+    assert_eq!(stats.bytes_copied_in.load(Ordering::Relaxed), sent);
+    assert_eq!(stats.bytes_copied_out.load(Ordering::Relaxed), returned);
+    server.stop().await;
+}

@@ -4,6 +4,9 @@
 //! make decisions between them: the server checks its memory budget after
 //! the prefix and before it allocates the payload.
 
+use std::ops::Range;
+
+use bytes::Bytes;
 use quinn::{ReadExactError, RecvStream, SendStream, WriteError};
 use thiserror::Error;
 
@@ -87,6 +90,118 @@ pub async fn read_aligned(
     Ok(buf)
 }
 
+/// A payload as the QUIC stack delivered it: the decrypted chunks of the
+/// stream, kept without copying them into one buffer. A receiver that only
+/// forwards the bytes (into GPU staging memory, or back out as an echo)
+/// copies each byte once, from here to its destination.
+#[derive(Debug, Clone, Default)]
+pub struct ChunkedPayload {
+    chunks: Vec<Bytes>,
+    len: usize,
+}
+
+impl ChunkedPayload {
+    /// A payload of one buffer (for in-process callers).
+    pub fn from_bytes(bytes: Bytes) -> Self {
+        Self {
+            len: bytes.len(),
+            chunks: if bytes.is_empty() {
+                Vec::new()
+            } else {
+                vec![bytes]
+            },
+        }
+    }
+
+    /// Total length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The chunks, in stream order.
+    pub fn chunks(&self) -> &[Bytes] {
+        &self.chunks
+    }
+
+    /// Calls `f(offset, bytes)` for each piece of `range`, in order, where
+    /// `offset` is the piece's position within the range; false (and no
+    /// call) if the range is out of bounds.
+    pub fn for_each_piece(&self, range: Range<usize>, mut f: impl FnMut(usize, &[u8])) -> bool {
+        if range.end > self.len || range.start > range.end {
+            return false;
+        }
+        let mut at = 0usize;
+        for c in &self.chunks {
+            let (start, end) = (at, at + c.len());
+            at = end;
+            if end <= range.start {
+                continue;
+            }
+            if start >= range.end {
+                break;
+            }
+            let from = range.start.max(start) - start;
+            let to = range.end.min(end) - start;
+            f(start + from - range.start, &c[from..to]);
+        }
+        true
+    }
+
+    /// Copies the bytes in `range` into `dst` (of the range's length);
+    /// false if the range is out of bounds or `dst` has another length.
+    pub fn copy_range_to(&self, range: Range<usize>, dst: &mut [u8]) -> bool {
+        if dst.len() != range.len() {
+            return false;
+        }
+        self.for_each_piece(range, |at, piece| {
+            dst[at..at + piece.len()].copy_from_slice(piece);
+        })
+    }
+}
+
+/// Reads exactly `len` payload bytes as the chunks QUIC delivers, without
+/// copying them.
+///
+/// The caller must have checked `len` against its limits.
+///
+/// # Errors
+/// [`ReadFrameError`] on a stream failure or a short stream.
+pub async fn read_chunked(
+    recv: &mut RecvStream,
+    len: u64,
+    part: &'static str,
+) -> Result<ChunkedPayload, ReadFrameError> {
+    let len = usize::try_from(len).map_err(|_| ReadFrameError::TooLarge { len })?;
+    let mut chunks = Vec::new();
+    let mut read = 0usize;
+    while read < len {
+        let chunk = recv
+            .read_chunk(len - read, true)
+            .await
+            .map_err(|e| match e {
+                quinn::ReadError::ConnectionLost(source) => {
+                    ReadFrameError::ConnectionLost { part, source }
+                }
+                source => ReadFrameError::Read { part, source },
+            })?;
+        let Some(chunk) = chunk else {
+            return Err(ReadFrameError::Truncated {
+                part,
+                read,
+                expected: len,
+            });
+        };
+        read += chunk.bytes.len();
+        chunks.push(chunk.bytes);
+    }
+    Ok(ChunkedPayload { chunks, len })
+}
+
 /// Reads a prefix and the header archive that follows it.
 ///
 /// # Errors
@@ -117,6 +232,33 @@ async fn read_exact(
         }
         ReadExactError::ReadError(source) => ReadFrameError::Read { part, source },
     })
+}
+
+/// Writes a whole frame whose payload is already laid out, handing the
+/// payload's chunks to QUIC without copying them (the prefix and header go
+/// first, in one small buffer). Does not finish the stream.
+///
+/// # Errors
+/// The stream's [`WriteError`].
+pub async fn write_frame_chunks(
+    send: &mut SendStream,
+    kind: FrameKind,
+    header: &[u8],
+    payload: &[Bytes],
+) -> Result<(), WriteError> {
+    let payload_len: usize = payload.iter().map(Bytes::len).sum();
+    let prefix = Prefix {
+        kind,
+        header_len: u32::try_from(header.len()).unwrap_or(u32::MAX),
+        payload_len: payload_len as u64,
+    };
+    let mut head = Vec::with_capacity(PREFIX_LEN + header.len());
+    head.extend_from_slice(&prefix.encode());
+    head.extend_from_slice(header);
+    let mut parts = Vec::with_capacity(1 + payload.len());
+    parts.push(Bytes::from(head));
+    parts.extend(payload.iter().filter(|b| !b.is_empty()).cloned());
+    send.write_all_chunks(&mut parts).await
 }
 
 /// The payload length of `buffers` laid out with [`PAYLOAD_ALIGN`] padding.
@@ -164,4 +306,39 @@ pub async fn write_frame<B: AsRef<[u8]>>(
         offset += pad + b.len();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_are_copied_across_chunk_boundaries() {
+        let data: Vec<u8> = (0..=255).collect();
+        let chunks = ChunkedPayload {
+            chunks: vec![
+                Bytes::copy_from_slice(&data[..10]),
+                Bytes::copy_from_slice(&data[10..11]),
+                Bytes::copy_from_slice(&data[11..200]),
+                Bytes::copy_from_slice(&data[200..]),
+            ],
+            len: data.len(),
+        };
+        for (start, end) in [
+            (0, 256),
+            (0, 10),
+            (5, 15),
+            (10, 11),
+            (9, 201),
+            (255, 256),
+            (7, 7),
+        ] {
+            let mut dst = vec![0u8; end - start];
+            assert!(chunks.copy_range_to(start..end, &mut dst), "{start}..{end}");
+            assert_eq!(dst, &data[start..end], "{start}..{end}");
+        }
+        let mut dst = vec![0u8; 2];
+        assert!(!chunks.copy_range_to(255..257, &mut dst), "out of bounds");
+        assert!(!chunks.copy_range_to(0..3, &mut dst), "wrong length");
+    }
 }

@@ -20,9 +20,12 @@
 //! A wgpu validation error in a batch fails nothing at once: each call of
 //! the batch is run again alone, so only the call at fault fails.
 //!
-//! Copies of payload bytes on the way: the payload read from QUIC is written
-//! into the storage buffer by `queue.write_buffer` (wgpu stages it), and the
-//! mapped readback buffer is copied once into the response payload.
+//! Copies of payload bytes on the way (counted in [`ExecutorStats`]): the
+//! request payload arrives as the chunks QUIC decrypted, which are copied
+//! once, straight into wgpu's staging memory (`queue.write_buffer_with`);
+//! the GPU copies staging to storage buffer and storage to readback buffer;
+//! the mapped readback buffer is copied once into the response payload,
+//! which QUIC sends without copying it again. One user-space copy each way.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -33,6 +36,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
+use quasar_transport::io::ChunkedPayload;
 use quasar_transport::{Payload, StatusCode};
 use thiserror::Error;
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
@@ -57,7 +61,7 @@ pub struct GpuConfig {
     pub queue_depth: usize,
     /// Calls one connection may have waiting for the GPU.
     pub max_queued_per_connection: usize,
-    /// Most calls encoded into one GPU submission.
+    /// Most calls encoded into one GPU submission (at most [`MAX_BATCH`]).
     pub max_batch: usize,
     /// Most payload bytes in one submission (a batch always takes at least
     /// one call): large calls gain nothing from sharing a submission and
@@ -174,8 +178,8 @@ pub struct Job {
     pub kernels: Arc<Registry>,
     /// Who queued it (a connection), for fair turns.
     pub source: u64,
-    /// The request payload the plan's ranges point into.
-    pub payload: Payload,
+    /// The request payload the plan's ranges point into, as received.
+    pub payload: ChunkedPayload,
     /// When the job was queued.
     pub enqueued: Instant,
     /// Do not start after this.
@@ -262,6 +266,13 @@ pub struct ExecutorStats {
     pub devices_lost: AtomicU64,
     /// Successful reloads of the kernel set.
     pub reloads: AtomicU64,
+    /// Request payload bytes copied in user space (into GPU staging
+    /// memory): equal to the input bytes of the calls run when each is
+    /// copied once.
+    pub bytes_copied_in: AtomicU64,
+    /// Response payload bytes copied in user space (out of mapped readback
+    /// buffers).
+    pub bytes_copied_out: AtomicU64,
 }
 
 /// Work for the executor thread other than calls.
@@ -278,6 +289,25 @@ enum Control {
 }
 
 type Queue = FairQueue<Job, Control>;
+
+/// The most calls in one submission, whatever the configuration asks: two
+/// timestamp queries per call must fit wgpu's query set limit (4096).
+pub const MAX_BATCH: usize = 1024;
+
+/// Closes the queue and answers every job still in it when the executor
+/// thread ends, normally (nothing is left then) or by a panic.
+struct AnswerOnExit(Arc<Queue>);
+
+impl Drop for AnswerOnExit {
+    fn drop(&mut self) {
+        self.0.close();
+        for job in self.0.drain() {
+            let _ = job.reply.send(Err(ExecError::Unavailable(
+                "the GPU executor stopped; retry the call".into(),
+            )));
+        }
+    }
+}
 
 /// A handle on the executor thread.
 #[derive(Debug)]
@@ -308,8 +338,11 @@ impl GpuExecutor {
         let thread = std::thread::Builder::new()
             .name("quasar-gpu".into())
             .spawn(
-                move || match Worker::init(config, thread_stats, thread_queue) {
+                move || match Worker::init(config, thread_stats, thread_queue.clone()) {
                     Ok((worker, ready)) => {
+                        // However the thread ends (a panic included), no
+                        // queued call is left without an answer.
+                        let _answer_the_rest = AnswerOnExit(thread_queue);
                         if ready_tx.send(Ok(ready)).is_ok() {
                             worker.run();
                         }
@@ -472,7 +505,7 @@ struct Compiled {
 
 /// A kernel's name and WGSL source, kept so a new device can compile the
 /// same kernels even if the files have changed since.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 struct KernelSource {
     name: String,
     source: Cow<'static, str>,
@@ -572,7 +605,7 @@ impl Gpu {
             tracing::error!(?reason, %message, "GPU device lost");
             flag.store(true, Ordering::SeqCst);
         });
-        let max_batch = config.max_batch.max(1) as u32;
+        let max_batch = config.max_batch.clamp(1, MAX_BATCH) as u32;
         let timestamps = device
             .features()
             .contains(wgpu::Features::TIMESTAMP_QUERY)
@@ -666,13 +699,15 @@ impl Worker {
     /// older versions only while a queued job still holds them.
     fn publish(&mut self, registry: Registry, compiled: Vec<Compiled>) {
         let registry = Arc::new(registry);
-        self.compiled.retain(|c| c.registry.strong_count() > 0);
         self.compiled.push(CompiledSet {
             version: registry.version,
             registry: Arc::downgrade(&registry),
             kernels: compiled,
         });
         self.kernels.publish(registry);
+        // After the swap, so the replaced version goes as soon as no queued
+        // job holds it.
+        self.compiled.retain(|c| c.registry.strong_count() > 0);
     }
 
     fn run(mut self) {
@@ -680,12 +715,24 @@ impl Worker {
             if self.gpu.lost.load(Ordering::SeqCst) && !self.recreate() {
                 break;
             }
-            let next = self
-                .queue
-                .next_blocking(self.config.max_batch, self.config.max_batch_bytes);
+            let next = self.queue.next_blocking(
+                self.config.max_batch.clamp(1, MAX_BATCH),
+                self.config.max_batch_bytes,
+            );
             match next {
                 None => break,
-                Some(Next::Control(c)) => self.control(c),
+                Some(Next::Control(c)) => {
+                    // A panic while loading kernels (operator-supplied WGSL)
+                    // fails that reload, not the executor.
+                    let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        self.control(c);
+                    }));
+                    if done.is_err() {
+                        tracing::error!(
+                            "the GPU executor panicked handling a reload or fault injection"
+                        );
+                    }
+                }
                 Some(Next::Jobs(jobs)) => self.run_batch(jobs),
             }
         }
@@ -696,6 +743,12 @@ impl Worker {
         match control {
             Control::Reload { kernel_dir, reply } => {
                 let result = load_sources(kernel_dir.as_deref()).and_then(|sources| {
+                    if sources == self.sources {
+                        // Nothing changed (a certificate rotation, say):
+                        // no recompiling, which would hold up every call.
+                        self.config.kernel_dir = kernel_dir.clone();
+                        return Ok(self.sources.iter().map(|k| k.name.clone()).collect());
+                    }
                     let version = self.kernels.current().version + 1;
                     let (registry, compiled) = self.gpu.registry(&sources, version)?;
                     let names = registry.kernels.iter().map(|k| k.name.clone()).collect();
@@ -870,7 +923,7 @@ impl Worker {
         });
         let mut prepared = Vec::with_capacity(jobs.len());
         for (job, compiled) in jobs.iter().zip(&sets) {
-            prepared.push(prepare_call(gpu, &mut encoder, job, compiled));
+            prepared.push(prepare_call(gpu, &mut encoder, job, compiled, &self.stats));
         }
         // With timestamps each call has its own pass (the queries time a
         // pass); without, every call shares one, which saves lavapipe a
@@ -959,7 +1012,7 @@ impl Worker {
                 (Some(_), _) => Err(ExecError::Gpu(String::new())),
                 (None, None) => Ok((Payload::new(), None)),
                 (None, Some(rb)) => match mapped {
-                    Some(Ok(())) => copy_out(rb, &job.plan, &p, stamps),
+                    Some(Ok(())) => copy_out(rb, &job.plan, &p, stamps, &self.stats),
                     Some(Err(e)) => Err(ExecError::Gpu(format!("mapping the outputs: {e}"))),
                     None => Err(ExecError::Gpu("the outputs were never mapped".into())),
                 },
@@ -1010,6 +1063,7 @@ fn prepare_call(
     encoder: &mut wgpu::CommandEncoder,
     job: &Job,
     compiled: &[Compiled],
+    stats: &ExecutorStats,
 ) -> Prepared {
     let plan = &job.plan;
     let kernel = &compiled[plan.kernel];
@@ -1020,10 +1074,22 @@ fn prepare_call(
         .iter()
         .map(|&len| gpu.pool.acquire(device, PoolKind::Storage, len * 4))
         .collect();
+    let mut copied = 0u64;
     for (idx, range) in &plan.sent {
-        gpu.queue
-            .write_buffer(&buffers[*idx], 0, &job.payload[range.clone()]);
+        // Straight from the received chunks into staging memory. A view
+        // refused by wgpu (a validation error) fails the batch through the
+        // error scope.
+        let Some(size) = NonZeroU64::new(range.len() as u64) else {
+            continue;
+        };
+        if let Some(mut view) = gpu.queue.write_buffer_with(&buffers[*idx], 0, size) {
+            job.payload.for_each_piece(range.clone(), |at, piece| {
+                view.slice(at..at + piece.len()).copy_from_slice(piece);
+                copied += piece.len() as u64;
+            });
+        }
     }
+    stats.bytes_copied_in.fetch_add(copied, Ordering::Relaxed);
     // Each call has its own uniform block: calls of one kernel in one batch
     // carry different arguments.
     let uniform = iface.params.as_ref().map(|p| {
@@ -1123,6 +1189,7 @@ fn copy_out(
     plan: &CallPlan,
     p: &Prepared,
     period_ns: Option<f64>,
+    stats: &ExecutorStats,
 ) -> Result<(Payload, Option<Duration>), ExecError> {
     let view = rb
         .get_mapped_range(0..p.map_len)
@@ -1132,6 +1199,9 @@ fn copy_out(
     for slot in plan.response_layout.slots() {
         out.resize(slot.start, 0);
         out.extend_from_slice(&view[slot.clone()]);
+        stats
+            .bytes_copied_out
+            .fetch_add(slot.len() as u64, Ordering::Relaxed);
     }
     let kernel = period_ns.and_then(|period_ns| {
         let at = p.stamps_at as usize;
