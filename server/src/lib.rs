@@ -189,6 +189,7 @@ pub struct Server {
     executor: GpuExecutor,
     admission: Arc<Admission>,
     quic: QuicTuning,
+    token_key: TokenKey,
     stopping: CancellationToken,
     /// Held while changing the endpoint's server configuration, so a reload
     /// cannot turn handshakes back on once shutdown has turned them off.
@@ -205,7 +206,13 @@ impl Server {
     /// [`ServerError`] for unusable TLS material, no GPU adapter, a kernel
     /// that does not load, or an address that cannot be bound.
     pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
-        let server_config = quic_server_config(&config.tls, &config.quic, &config.admission)?;
+        let token_key = TokenKey(tls::token_key()?);
+        let server_config = quic_server_config(
+            &config.tls,
+            &config.quic,
+            &config.admission,
+            token_key.clone(),
+        )?;
 
         let executor = GpuExecutor::start(config.gpu.clone()).await?;
         let bind_error = |source| ServerError::Bind {
@@ -242,6 +249,7 @@ impl Server {
             executor,
             admission: Arc::new(Admission::new(config.admission.clone())),
             quic: config.quic.clone(),
+            token_key,
             stopping: CancellationToken::new(),
             config_gate: Arc::new(Mutex::new(())),
             shutdown_grace: config.shutdown_grace,
@@ -257,6 +265,7 @@ impl Server {
             shared: self.shared.clone(),
             control: self.executor.control(),
             quic: self.quic.clone(),
+            token_key: self.token_key.clone(),
             admission: self.admission.clone(),
             stopping: self.stopping.clone(),
             config_gate: self.config_gate.clone(),
@@ -378,11 +387,23 @@ impl Server {
     }
 }
 
+/// The key of the QUIC address-validation tokens, kept across reloads so
+/// tokens issued just before one stay valid.
+#[derive(Clone)]
+struct TokenKey(Arc<dyn quinn::crypto::HandshakeTokenKey>);
+
+impl std::fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenKey(..)")
+    }
+}
+
 /// The quinn server configuration for this TLS material and tuning.
 fn quic_server_config(
     pem: &TlsPem,
     quic: &QuicTuning,
     admission: &AdmissionLimits,
+    token_key: TokenKey,
 ) -> Result<quinn::ServerConfig, ServerError> {
     let chain = tls::certs_from_pem(&pem.cert_chain, "server certificate")?;
     let key = tls::key_from_pem(&pem.key)?;
@@ -398,7 +419,7 @@ fn quic_server_config(
         crls.extend(found);
     }
     let crypto = tls::server_crypto(chain, key, roots, crls)?;
-    let mut config = tls::server_config(crypto, quic)?;
+    let mut config = tls::server_config_with_token_key(crypto, quic, token_key.0)?;
     // Attempts waiting for the accept loop: it decides on each at once, so
     // this only needs to absorb a burst.
     config.max_incoming(admission.max_handshakes.saturating_mul(4).max(64));
@@ -429,6 +450,7 @@ pub struct Reloader {
     shared: Arc<Shared>,
     control: ExecutorControl,
     quic: QuicTuning,
+    token_key: TokenKey,
     admission: Arc<Admission>,
     stopping: CancellationToken,
     config_gate: Arc<Mutex<()>>,
@@ -445,7 +467,12 @@ impl Reloader {
         if self.stopping.is_cancelled() {
             return Err(ServerError::Stopped);
         }
-        let server_config = quic_server_config(&config.tls, &self.quic, &self.admission.limits)?;
+        let server_config = quic_server_config(
+            &config.tls,
+            &self.quic,
+            &self.admission.limits,
+            self.token_key.clone(),
+        )?;
         // The kernel swap is the last step that can fail, and it is all or
         // nothing inside the executor.
         let kernels = self.control.reload(config.kernel_dir).await?;
