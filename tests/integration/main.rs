@@ -17,6 +17,7 @@ mod echo;
 mod fairness;
 mod faults;
 mod kernels;
+mod limits;
 mod malformed;
 mod reload;
 mod restart;

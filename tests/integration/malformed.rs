@@ -9,7 +9,7 @@ use quasar_transport::{
 
 use crate::support::{assert_serving, raw_call, raw_connection, server};
 
-fn saxpy_header(x_len: u64, y_len: u64) -> RequestHeader {
+pub(crate) fn saxpy_header(x_len: u64, y_len: u64) -> RequestHeader {
     RequestHeader {
         kernel: "saxpy".into(),
         args: vec![NamedScalar {
@@ -34,7 +34,7 @@ fn saxpy_header(x_len: u64, y_len: u64) -> RequestHeader {
 }
 
 /// A whole request frame for `header`, with a zero payload of the right size.
-fn frame(header: &RequestHeader) -> Vec<u8> {
+pub(crate) fn frame(header: &RequestHeader) -> Vec<u8> {
     let archived = encode_request(header).expect("encode");
     let payload = PayloadLayout::new(
         header

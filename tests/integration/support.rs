@@ -153,3 +153,15 @@ pub async fn calibrate(client: &quasar_client::Client) -> (u32, Duration) {
         iters = iters.saturating_mul(2);
     }
 }
+
+/// Polls `cond` for up to 10 s; whether it became true.
+pub async fn wait_for(mut cond: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        if Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
