@@ -113,6 +113,14 @@ impl ChunkedPayload {
         }
     }
 
+    /// A payload of these chunks, in order.
+    pub fn from_chunks(chunks: Vec<Bytes>) -> Self {
+        Self {
+            len: chunks.iter().map(Bytes::len).sum(),
+            chunks,
+        }
+    }
+
     /// Total length in bytes.
     pub fn len(&self) -> usize {
         self.len

@@ -7,7 +7,7 @@
 //! - [`executor`]: the one thread that owns the device, queue, pipelines and
 //!   buffer pool; async handlers reach it over a bounded channel.
 //! - [`pool`]: buffer reuse by size class.
-//! - `sched`: the bounded queue between handlers and the executor, taking
+//! - [`sched`]: the bounded queue between handlers and the executor, taking
 //!   connections in turn.
 //!
 //! Everything here that blocks (adapter requests, `device.poll`) runs on the
@@ -15,7 +15,7 @@
 
 pub mod executor;
 pub mod pool;
-mod sched;
+pub mod sched;
 
 use std::fmt;
 

@@ -36,14 +36,14 @@ pub enum SubmitError {
 }
 
 /// Something queued for the GPU thread: a unit of work with a size.
-pub(crate) trait Queued {
+pub trait Queued {
     /// Bytes the item carries, to bound a batch.
     fn bytes(&self) -> u64;
 }
 
 /// What the GPU thread takes next.
 #[derive(Debug)]
-pub(crate) enum Next<J, C> {
+pub enum Next<J, C> {
     /// A batch of jobs, in fair order.
     Jobs(Vec<J>),
     /// A control message (run before any job queued after it).
@@ -62,7 +62,7 @@ struct State<J, C> {
 
 /// A bounded, per-source round-robin queue.
 #[derive(Debug)]
-pub(crate) struct FairQueue<J, C> {
+pub struct FairQueue<J, C> {
     state: Mutex<State<J, C>>,
     wake: Condvar,
     depth: usize,
@@ -72,7 +72,7 @@ pub(crate) struct FairQueue<J, C> {
 impl<J: Queued, C> FairQueue<J, C> {
     /// A queue holding at most `depth` jobs, at most `per_source` of them
     /// from one source.
-    pub(crate) fn new(depth: usize, per_source: usize) -> Self {
+    pub fn new(depth: usize, per_source: usize) -> Self {
         Self {
             state: Mutex::new(State {
                 queues: HashMap::new(),
@@ -94,7 +94,7 @@ impl<J: Queued, C> FairQueue<J, C> {
     }
 
     /// Queues `job` for `source` without waiting.
-    pub(crate) fn try_push(&self, source: u64, job: J) -> Result<(), (SubmitError, J)> {
+    pub fn try_push(&self, source: u64, job: J) -> Result<(), (SubmitError, J)> {
         let mut s = self.lock();
         if s.closed {
             return Err((SubmitError::Closed, job));
@@ -118,7 +118,7 @@ impl<J: Queued, C> FairQueue<J, C> {
     }
 
     /// Queues a control message for the GPU thread.
-    pub(crate) fn push_control(&self, control: C) -> Result<(), C> {
+    pub fn push_control(&self, control: C) -> Result<(), C> {
         let mut s = self.lock();
         if s.closed {
             return Err(control);
@@ -130,26 +130,31 @@ impl<J: Queued, C> FairQueue<J, C> {
     }
 
     /// Stops taking new work; what is queued is still handed out.
-    pub(crate) fn close(&self) {
+    pub fn close(&self) {
         self.lock().closed = true;
         self.wake.notify_all();
     }
 
     /// Whether [`FairQueue::close`] was called.
-    pub(crate) fn is_closed(&self) -> bool {
+    pub fn is_closed(&self) -> bool {
         self.lock().closed
     }
 
     /// Jobs waiting.
-    pub(crate) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.lock().len
+    }
+
+    /// Whether no job is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Blocks until there is work, then takes the control messages first,
     /// else up to `max_jobs` jobs (and at most `max_bytes` of them, though
     /// always at least one) round-robin across sources. `None` once closed
     /// and drained.
-    pub(crate) fn next_blocking(&self, max_jobs: usize, max_bytes: u64) -> Option<Next<J, C>> {
+    pub fn next_blocking(&self, max_jobs: usize, max_bytes: u64) -> Option<Next<J, C>> {
         let mut s = self.lock();
         loop {
             if let Some(c) = s.control.pop_front() {
@@ -166,7 +171,7 @@ impl<J: Queued, C> FairQueue<J, C> {
     }
 
     /// Every queued job, for failing them all at once.
-    pub(crate) fn drain(&self) -> Vec<J> {
+    pub fn drain(&self) -> Vec<J> {
         let mut s = self.lock();
         let n = s.len;
         take(&mut s, n, u64::MAX)

@@ -1,0 +1,69 @@
+//! The hot functions of the call path added for batching, fairness and
+//! copy-once: the fair queue's push and batch take, and copying a payload
+//! out of QUIC's chunks (against one contiguous copy of the same bytes).
+//!
+//! `cargo bench -p quasar-benches --bench hot`
+
+#![allow(missing_docs, clippy::expect_used)]
+
+use std::hint::black_box;
+
+use bytes::Bytes;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use quasar_server::gpu::sched::{FairQueue, Next, Queued};
+use quasar_transport::io::ChunkedPayload;
+
+struct Job(u64);
+
+impl Queued for Job {
+    fn bytes(&self) -> u64 {
+        self.0
+    }
+}
+
+fn fair_queue(c: &mut Criterion) {
+    let mut g = c.benchmark_group("fair_queue");
+    g.throughput(Throughput::Elements(64));
+    // 64 calls from 8 connections queued, then taken as one batch.
+    g.bench_function("push_64_from_8_sources_take_one_batch", |b| {
+        let q: FairQueue<Job, ()> = FairQueue::new(1024, 256);
+        b.iter(|| {
+            for i in 0..64u64 {
+                let _ = q.try_push(i % 8, Job(4096));
+            }
+            match q.next_blocking(64, u64::MAX) {
+                Some(Next::Jobs(jobs)) => black_box(jobs.len()),
+                _ => unreachable!("64 jobs were queued"),
+            }
+        });
+    });
+    g.finish();
+}
+
+fn chunked_copy(c: &mut Criterion) {
+    const LEN: usize = 1 << 20;
+    let data: Vec<u8> = (0..LEN).map(|i| i as u8).collect();
+    // About what QUIC hands out: one chunk per packet's worth of stream data.
+    let chunks = ChunkedPayload::from_chunks(
+        data.chunks(1200)
+            .map(Bytes::copy_from_slice)
+            .collect::<Vec<_>>(),
+    );
+    let mut dst = vec![0u8; LEN];
+    let mut g = c.benchmark_group("payload_1MiB");
+    g.throughput(Throughput::Bytes(LEN as u64));
+    g.bench_function("copy_out_of_1200B_chunks", |b| {
+        b.iter(|| {
+            assert!(chunks.copy_range_to(0..LEN, black_box(&mut dst)));
+        });
+    });
+    g.bench_function("copy_contiguous_baseline", |b| {
+        b.iter(|| {
+            black_box(&mut dst).copy_from_slice(black_box(&data));
+        });
+    });
+    g.finish();
+}
+
+criterion_group!(benches, fair_queue, chunked_copy);
+criterion_main!(benches);
