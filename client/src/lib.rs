@@ -320,6 +320,12 @@ impl Client {
             }
         };
         dials.last_failure = None;
+        // Closed while dialling: the new connection must not outlive
+        // `close`, which waits for the endpoint to go idle.
+        if i.closed.load(Ordering::Acquire) {
+            fresh.close(CloseCode::ClientDone.varint(), b"client closed");
+            return Err(CallError::Connection(quinn::ConnectionError::LocallyClosed));
+        }
         tracing::debug!(server = %i.server, "reconnected");
         match i.conn.lock() {
             Ok(mut c) => *c = fresh.clone(),

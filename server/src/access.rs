@@ -22,13 +22,19 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// Reads the identity of the end-entity certificate `der`.
+    /// Reads the identity of the end-entity certificate `der`; none (no
+    /// names) for a certificate that does not parse.
     pub fn from_cert(der: &[u8]) -> Self {
         let Ok((_, cert)) = X509Certificate::from_der(der) else {
             return Self::default();
         };
         let mut names = Vec::new();
-        if let Ok(Some(san)) = cert.subject_alternative_name() {
+        // A SAN extension that does not parse names nobody: the names it
+        // was meant to carry must not fall back to the common name.
+        let Ok(san) = cert.subject_alternative_name() else {
+            return Self::default();
+        };
+        if let Some(san) = san {
             for name in &san.value.general_names {
                 match name {
                     GeneralName::URI(uri) => names.push((*uri).to_owned()),

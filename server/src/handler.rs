@@ -43,8 +43,8 @@ use tokio_util::task::TaskTracker;
 use crate::Shared;
 use crate::access::Identity;
 use crate::admission::{Admission, Slot};
-use crate::gpu::executor::{Job, SubmitError};
-use crate::kernel::plan::{plan, plan_echo};
+use crate::gpu::executor::Job;
+use crate::kernel::plan::{plan, plan_echo, shown};
 
 /// What one connection's calls share.
 struct Conn {
@@ -89,9 +89,22 @@ pub(crate) async fn connection(
         }
     };
     slot.established();
+    let identity = Identity::of_connection(&conn);
+    if identity.names().is_empty() {
+        // Access is decided by identity: a certificate with none must not
+        // fall to the policy's default (fail closed).
+        tracing::warn!(%remote, "client certificate names no readable identity; connection refused");
+        conn.close(
+            CloseCode::Unidentified.varint(),
+            b"client certificate names no identity",
+        );
+        return;
+    }
     let conn_state = Arc::new(Conn {
-        identity: Identity::of_connection(&conn),
-        id: shared.next_connection.fetch_add(1, Ordering::Relaxed),
+        identity,
+        // quinn's id: unique among live connections, which is all the
+        // queue's turns need.
+        id: conn.stable_id() as u64,
         budget: Arc::new(Semaphore::new(shared.connection_budget_kib as usize)),
     });
     tracing::info!(%remote, identity = %conn_state.identity, "connection established");
@@ -426,7 +439,7 @@ async fn run(
             StatusCode::NotFound,
             format!(
                 "no kernel named `{}`; this server has: {}",
-                requested.chars().take(64).collect::<String>(),
+                shown(requested),
                 names.join(", ")
             ),
             true,
@@ -437,7 +450,7 @@ async fn run(
             StatusCode::PermissionDenied,
             format!(
                 "identity `{identity}` may not call kernel `{}`",
-                requested.chars().take(64).collect::<String>()
+                shown(requested)
             ),
             true,
         ));
@@ -497,12 +510,7 @@ async fn run(
             reply: reply_tx,
             permit,
         })
-        .map_err(|e| match e {
-            SubmitError::Full(_) | SubmitError::SourceFull(_) => {
-                Failure::status(StatusCode::ResourceExhausted, e.to_string(), false)
-            }
-            SubmitError::Closed => Failure::status(StatusCode::Unavailable, e.to_string(), false),
-        })?;
+        .map_err(|e| Failure::status(e.status(), e.to_string(), false))?;
 
     let expired = async {
         match deadline {

@@ -31,7 +31,6 @@ pub mod local;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -133,6 +132,9 @@ pub enum ServerError {
     /// The GPU side could not start.
     #[error(transparent)]
     Gpu(#[from] GpuError),
+    /// The access policy has a malformed pattern.
+    #[error("access policy: {0}")]
+    Policy(String),
     /// A reload found the server stopped.
     #[error("the server has stopped")]
     Stopped,
@@ -161,8 +163,6 @@ pub(crate) struct Shared {
     pub(crate) request_timeout: Duration,
     policy: RwLock<Arc<Policy>>,
     pub(crate) access_log: bool,
-    /// Numbers connections, for the GPU queue's fair turns.
-    pub(crate) next_connection: AtomicU64,
 }
 
 impl Shared {
@@ -188,8 +188,8 @@ pub struct Server {
     shared: Arc<Shared>,
     executor: GpuExecutor,
     admission: Arc<Admission>,
-    quic: QuicTuning,
-    token_key: TokenKey,
+    /// The endpoint's configuration as bound, the base of every reload.
+    base: quinn::ServerConfig,
     stopping: CancellationToken,
     /// Held while changing the endpoint's server configuration, so a reload
     /// cannot turn handshakes back on once shutdown has turned them off.
@@ -206,13 +206,13 @@ impl Server {
     /// [`ServerError`] for unusable TLS material, no GPU adapter, a kernel
     /// that does not load, or an address that cannot be bound.
     pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
-        let token_key = TokenKey(tls::token_key()?);
-        let server_config = quic_server_config(
-            &config.tls,
-            &config.quic,
-            &config.admission,
-            token_key.clone(),
-        )?;
+        config.policy.validate().map_err(ServerError::Policy)?;
+        let mut server_config = tls::server_config(server_crypto(&config.tls)?, &config.quic)?;
+        // Attempts waiting for the accept loop: it decides on each at once,
+        // so this only needs to absorb a burst.
+        server_config.max_incoming(config.admission.max_handshakes.saturating_mul(4).max(64));
+        server_config.incoming_buffer_size(64 * 1024);
+        server_config.incoming_buffer_size_total(16 * 1024 * 1024);
 
         let executor = GpuExecutor::start(config.gpu.clone()).await?;
         let bind_error = |source| ServerError::Bind {
@@ -225,7 +225,7 @@ impl Server {
             .ok_or_else(|| bind_error(std::io::Error::other("not inside a tokio runtime")))?;
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
-            Some(server_config),
+            Some(server_config.clone()),
             socket,
             runtime,
         )
@@ -241,15 +241,13 @@ impl Server {
             request_timeout: config.request_timeout,
             policy: RwLock::new(Arc::new(config.policy.clone())),
             access_log: config.access_log,
-            next_connection: AtomicU64::new(1),
         });
         Ok(Self {
             endpoint,
             shared,
             executor,
             admission: Arc::new(Admission::new(config.admission.clone())),
-            quic: config.quic.clone(),
-            token_key,
+            base: server_config,
             stopping: CancellationToken::new(),
             config_gate: Arc::new(Mutex::new(())),
             shutdown_grace: config.shutdown_grace,
@@ -264,9 +262,7 @@ impl Server {
             endpoint: self.endpoint.clone(),
             shared: self.shared.clone(),
             control: self.executor.control(),
-            quic: self.quic.clone(),
-            token_key: self.token_key.clone(),
-            admission: self.admission.clone(),
+            base: self.base.clone(),
             stopping: self.stopping.clone(),
             config_gate: self.config_gate.clone(),
         }
@@ -387,24 +383,8 @@ impl Server {
     }
 }
 
-/// The key of the QUIC address-validation tokens, kept across reloads so
-/// tokens issued just before one stay valid.
-#[derive(Clone)]
-struct TokenKey(Arc<dyn quinn::crypto::HandshakeTokenKey>);
-
-impl std::fmt::Debug for TokenKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("TokenKey(..)")
-    }
-}
-
-/// The quinn server configuration for this TLS material and tuning.
-fn quic_server_config(
-    pem: &TlsPem,
-    quic: &QuicTuning,
-    admission: &AdmissionLimits,
-    token_key: TokenKey,
-) -> Result<quinn::ServerConfig, ServerError> {
+/// The rustls server configuration for this TLS material.
+fn server_crypto(pem: &TlsPem) -> Result<rustls::ServerConfig, ServerError> {
     let chain = tls::certs_from_pem(&pem.cert_chain, "server certificate")?;
     let key = tls::key_from_pem(&pem.key)?;
     let roots = tls::roots_from_pem(&pem.client_ca)?;
@@ -418,14 +398,7 @@ fn quic_server_config(
         }
         crls.extend(found);
     }
-    let crypto = tls::server_crypto(chain, key, roots, crls)?;
-    let mut config = tls::server_config_with_token_key(crypto, quic, token_key.0)?;
-    // Attempts waiting for the accept loop: it decides on each at once, so
-    // this only needs to absorb a burst.
-    config.max_incoming(admission.max_handshakes.saturating_mul(4).max(64));
-    config.incoming_buffer_size(64 * 1024);
-    config.incoming_buffer_size_total(16 * 1024 * 1024);
-    Ok(config)
+    Ok(tls::server_crypto(chain, key, roots, crls)?)
 }
 
 /// What a reload replaces: everything else needs a restart.
@@ -449,9 +422,7 @@ pub struct Reloader {
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
     control: ExecutorControl,
-    quic: QuicTuning,
-    token_key: TokenKey,
-    admission: Arc<Admission>,
+    base: quinn::ServerConfig,
     stopping: CancellationToken,
     config_gate: Arc<Mutex<()>>,
 }
@@ -467,12 +438,12 @@ impl Reloader {
         if self.stopping.is_cancelled() {
             return Err(ServerError::Stopped);
         }
-        let server_config = quic_server_config(
-            &config.tls,
-            &self.quic,
-            &self.admission.limits,
-            self.token_key.clone(),
-        )?;
+        config.policy.validate().map_err(ServerError::Policy)?;
+        // The running configuration with new TLS: the transport settings,
+        // admission buffers and the Retry token key (tokens issued just
+        // before stay valid) carry over.
+        let mut server_config = self.base.clone();
+        server_config.crypto = tls::quic_crypto(server_crypto(&config.tls)?)?;
         // The kernel swap is the last step that can fail, and it is all or
         // nothing inside the executor.
         let kernels = self.control.reload(config.kernel_dir).await?;

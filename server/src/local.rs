@@ -11,7 +11,7 @@ use quasar_transport::{ECHO_KERNEL, Limits, Payload, RequestHeader, StatusCode, 
 use thiserror::Error;
 use tokio::sync::oneshot;
 
-use crate::gpu::executor::{GpuExecutor, Job, JobOutput, SubmitError};
+use crate::gpu::executor::{GpuExecutor, Job, JobOutput};
 use crate::gpu::{AdapterSummary, GpuError};
 use crate::kernel::plan::{plan, plan_echo};
 use crate::{GpuConfig, Registry};
@@ -187,12 +187,7 @@ impl LocalDispatcher {
                 reply: tx,
                 permit: Vec::new(),
             })
-            .map_err(|e| match e {
-                SubmitError::Full(_) | SubmitError::SourceFull(_) => {
-                    fail(StatusCode::ResourceExhausted, e.to_string())
-                }
-                SubmitError::Closed => fail(StatusCode::Unavailable, e.to_string()),
-            })?;
+            .map_err(|e| fail(e.status(), e.to_string()))?;
         Ok((layout, rx))
     }
 

@@ -290,6 +290,9 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     if let Some(ms) = a.deadline_ms {
         call = call.deadline(Duration::from_millis(ms));
     }
+    // Every attempt is a measured call: a retry would hide a failure inside
+    // one slow success (and the local and raw targets never retry).
+    call = call.retryable(false);
 
     // A probe call: clear errors before any load, the response size, and a
     // correctness check against the CPU reference.

@@ -56,18 +56,11 @@ async fn calls_that_arrive_together_share_submissions_and_keep_their_results() {
 
     let server = server_with(|_| {}).await;
     let client = client(&server).await;
-    let kernels = [
-        "saxpy",
-        "add",
-        "mul",
-        "reduce_sum",
-        "matmul",
-        "prefix_sum",
-        "histogram",
-    ];
+    // Every shipped kernel, mixed in the same batches.
+    let kernels: Vec<&str> = quasar_shaders::SHIPPED.iter().map(|k| k.name).collect();
     // Every kernel once first, so the batches below are not the first use.
     let mut rng = StdRng::seed_from_u64(1);
-    for k in kernels {
+    for &k in &kernels {
         let s = Sample::for_kernel(k, 64, &mut rng).expect("sample");
         client.execute(call_for(&s)).await.expect("warm-up");
     }
@@ -78,9 +71,9 @@ async fn calls_that_arrive_together_share_submissions_and_keep_their_results() {
     let mut tasks = JoinSet::new();
     for task in 0..128u64 {
         let client = client.clone();
+        let kernel = kernels[task as usize % kernels.len()];
         tasks.spawn(async move {
             let mut rng = StdRng::seed_from_u64(100 + task);
-            let kernel = kernels[task as usize % kernels.len()];
             let size = if kernel == "matmul" {
                 rng.random_range(1..40)
             } else {

@@ -15,19 +15,9 @@ use quasar::samples::{call_for, host_outputs};
 use quasar_certs::CertificateAuthority;
 use quasar_client::{CallError, Client, StatusCode};
 use quasar_server::ServerConfig;
-use quasar_shaders::Sample;
 use quasar_shaders::sample::seeded;
+use quasar_shaders::{SHIPPED, Sample};
 use rand::RngExt;
-
-const KERNELS: &[&str] = &[
-    "saxpy",
-    "add",
-    "mul",
-    "reduce_sum",
-    "matmul",
-    "prefix_sum",
-    "histogram",
-];
 
 /// How every call ended.
 #[derive(Default)]
@@ -69,7 +59,7 @@ impl Tally {
 }
 
 fn sample(rng: &mut rand::rngs::StdRng) -> Sample {
-    let kernel = KERNELS[rng.random_range(0..KERNELS.len())];
+    let kernel = SHIPPED[rng.random_range(0..SHIPPED.len())].name;
     let size = match kernel {
         "matmul" => rng.random_range(1..48),
         _ => rng.random_range(1..150_000),
@@ -152,7 +142,7 @@ async fn soak_with_faults_and_restarts_accounts_for_every_call() {
         .await
         .expect("connect");
     let mut rng = seeded(99);
-    for k in KERNELS {
+    for k in SHIPPED.iter().map(|k| k.name) {
         let s = Sample::for_kernel(k, 1000, &mut rng).expect("sample");
         let r = warm.execute(call_for(&s)).await.expect("warm-up");
         s.check(&host_outputs(&r)).expect("warm-up result");

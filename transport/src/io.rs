@@ -191,12 +191,7 @@ pub async fn read_chunked(
         let chunk = recv
             .read_chunk(len - read, true)
             .await
-            .map_err(|e| match e {
-                quinn::ReadError::ConnectionLost(source) => {
-                    ReadFrameError::ConnectionLost { part, source }
-                }
-                source => ReadFrameError::Read { part, source },
-            })?;
+            .map_err(|e| read_error(part, e))?;
         let Some(chunk) = chunk else {
             return Err(ReadFrameError::Truncated {
                 part,
@@ -235,11 +230,17 @@ async fn read_exact(
             read,
             expected: buf.len(),
         },
-        ReadExactError::ReadError(quinn::ReadError::ConnectionLost(source)) => {
-            ReadFrameError::ConnectionLost { part, source }
-        }
-        ReadExactError::ReadError(source) => ReadFrameError::Read { part, source },
+        ReadExactError::ReadError(e) => read_error(part, e),
     })
+}
+
+/// A lost connection is reported as such (callers tell it from a stream
+/// error), any other read error with the part being read.
+fn read_error(part: &'static str, e: quinn::ReadError) -> ReadFrameError {
+    match e {
+        quinn::ReadError::ConnectionLost(source) => ReadFrameError::ConnectionLost { part, source },
+        source => ReadFrameError::Read { part, source },
+    }
 }
 
 /// Writes a whole frame whose payload is already laid out, handing the

@@ -109,6 +109,9 @@ pub enum CloseCode {
     ClientDone = 0x0,
     /// The server is shutting down.
     ServerShutdown = 0x1,
+    /// The client's certificate passed verification but names no identity
+    /// the server could read (no parsable SAN or common name).
+    Unidentified = 0x2,
 }
 
 impl CloseCode {

@@ -43,9 +43,6 @@ pub enum TlsError {
     /// A CRL file holds no certificate revocation list.
     #[error("a --crl file holds no X509 CRL")]
     NoCrl,
-    /// The system random number generator failed.
-    #[error("the system random number generator failed")]
-    Random,
     /// rustls refused the configuration (a key that does not match, say).
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
@@ -252,8 +249,7 @@ impl ClientCertVerifier for Discreet {
     }
 }
 
-/// Wraps a server rustls configuration for quinn with the given tuning
-/// and a fresh key for QUIC address-validation tokens.
+/// Wraps a server rustls configuration for quinn with the given tuning.
 ///
 /// # Errors
 /// [`TlsError::Quic`] if the configuration has no QUIC-capable cipher suite.
@@ -261,40 +257,21 @@ pub fn server_config(
     crypto: rustls::ServerConfig,
     tuning: &QuicTuning,
 ) -> Result<quinn::ServerConfig, TlsError> {
-    server_config_with_token_key(crypto, tuning, token_key()?)
-}
-
-/// As [`server_config`], with a given token key: a server that swaps its
-/// configuration (a certificate reload) keeps its key, so Retry tokens it
-/// issued just before stay valid.
-///
-/// # Errors
-/// [`TlsError::Quic`] if the configuration has no QUIC-capable cipher suite.
-pub fn server_config_with_token_key(
-    crypto: rustls::ServerConfig,
-    tuning: &QuicTuning,
-    token_key: Arc<dyn quinn::crypto::HandshakeTokenKey>,
-) -> Result<quinn::ServerConfig, TlsError> {
-    let quic = QuicServerConfig::try_from(crypto)?;
-    let mut cfg = quinn::ServerConfig::new(Arc::new(quic), token_key);
+    let mut cfg = quinn::ServerConfig::with_crypto(quic_crypto(crypto)?);
     cfg.transport_config(Arc::new(tuning.transport_config()));
     Ok(cfg)
 }
 
-/// A random key for QUIC address-validation (Retry) tokens, as quinn
-/// makes one: HKDF-SHA256 over 64 random bytes.
+/// A server rustls configuration as quinn's crypto, for swapping into a
+/// running [`quinn::ServerConfig`] (a certificate reload keeps the rest,
+/// the Retry token key included).
 ///
 /// # Errors
-/// [`TlsError::Random`] if the system has no randomness to give.
-pub fn token_key() -> Result<Arc<dyn quinn::crypto::HandshakeTokenKey>, TlsError> {
-    use ring::rand::SecureRandom;
-    let mut master = [0u8; 64];
-    ring::rand::SystemRandom::new()
-        .fill(&mut master)
-        .map_err(|_| TlsError::Random)?;
-    Ok(Arc::new(
-        ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&master),
-    ))
+/// [`TlsError::Quic`] if the configuration has no QUIC-capable cipher suite.
+pub fn quic_crypto(
+    crypto: rustls::ServerConfig,
+) -> Result<Arc<dyn quinn::crypto::ServerConfig>, TlsError> {
+    Ok(Arc::new(QuicServerConfig::try_from(crypto)?))
 }
 
 /// The client's quinn configuration: TLS 1.3 only, ALPN `quasar/1`, the server

@@ -192,8 +192,10 @@ pub struct Job {
 }
 
 impl Queued for Job {
+    /// What the call occupies on the device: every buffer (scratch
+    /// included) and its readback copy.
     fn bytes(&self) -> u64 {
-        self.payload.len() as u64 + self.plan.response_layout.total() as u64
+        self.plan.buffer_bytes() + self.plan.response_layout.total() as u64
     }
 }
 
@@ -212,8 +214,6 @@ pub struct JobOutput {
     pub kernel: Option<Duration>,
     /// Time to copy the mapped outputs into the payload.
     pub readback: Duration,
-    /// Calls in the submission this one was part of.
-    pub batch: usize,
     /// The call's share of the in-flight byte budgets, held until the
     /// response has been written.
     pub permit: Vec<OwnedSemaphorePermit>,
@@ -377,11 +377,6 @@ impl GpuExecutor {
         &self.adapter
     }
 
-    /// The device's limits that requests are checked against.
-    pub fn caps(&self) -> DeviceCaps {
-        self.kernels.current().caps
-    }
-
     /// The loaded kernels, as they are now.
     pub fn registry(&self) -> Arc<Registry> {
         self.kernels.current()
@@ -435,16 +430,6 @@ impl JobQueue {
     /// [`SubmitError::Closed`] if the executor has stopped.
     pub fn try_submit(&self, job: Job) -> Result<(), SubmitError> {
         self.queue.try_push(job.source, job).map_err(|(e, _)| e)
-    }
-
-    /// Jobs waiting for the GPU.
-    pub fn len(&self) -> usize {
-        self.queue.len()
-    }
-
-    /// Whether no job is waiting.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -868,7 +853,6 @@ impl Worker {
                         gpu,
                         kernel,
                         readback,
-                        batch,
                         permit,
                     });
                     let _ = reply.send(result);
@@ -1083,10 +1067,17 @@ fn prepare_call(
             continue;
         };
         if let Some(mut view) = gpu.queue.write_buffer_with(&buffers[*idx], 0, size) {
-            job.payload.for_each_piece(range.clone(), |at, piece| {
+            let whole = job.payload.for_each_piece(range.clone(), |at, piece| {
                 view.slice(at..at + piece.len()).copy_from_slice(piece);
                 copied += piece.len() as u64;
             });
+            // `plan` checked the ranges against the payload; should that
+            // ever fail, the pooled buffer must not keep a previous call's
+            // bytes.
+            if !whole {
+                tracing::error!(kernel = %iface.name, "an input range lies outside its payload; the buffer is cleared");
+                encoder.clear_buffer(&buffers[*idx], 0, None);
+            }
         }
     }
     stats.bytes_copied_in.fetch_add(copied, Ordering::Relaxed);
@@ -1236,11 +1227,15 @@ fn load_sources(dir: Option<&Path>) -> Result<Vec<KernelSource>, GpuError> {
         let path = path.to_owned();
         move |source| GpuError::KernelDir { path, source }
     };
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(io(dir))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "wgsl"))
-        .collect();
+    // An entry that cannot be read fails the load: a kernel must not vanish
+    // from a reload without a word.
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let path = entry.map_err(io(dir))?.path();
+        if path.extension().is_some_and(|e| e == "wgsl") {
+            files.push(path);
+        }
+    }
     files.sort();
     for path in files {
         let name = path

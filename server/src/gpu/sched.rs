@@ -35,6 +35,16 @@ pub enum SubmitError {
     Closed,
 }
 
+impl SubmitError {
+    /// The status code the caller sees.
+    pub fn status(&self) -> quasar_transport::StatusCode {
+        match self {
+            Self::Full(_) | Self::SourceFull(_) => quasar_transport::StatusCode::ResourceExhausted,
+            Self::Closed => quasar_transport::StatusCode::Unavailable,
+        }
+    }
+}
+
 /// Something queued for the GPU thread: a unit of work with a size.
 pub trait Queued {
     /// Bytes the item carries, to bound a batch.

@@ -62,13 +62,22 @@ pub struct PlanError {
 }
 
 /// A client-chosen name as it appears in a message: at most 64 characters,
-/// so an error reply never grows past what the client accepts.
-fn shown(name: &str) -> String {
-    const MAX: usize = 64;
-    if name.chars().count() <= MAX {
-        name.to_owned()
-    } else {
-        format!("{}...", name.chars().take(MAX).collect::<String>())
+/// so an error reply never grows past what the client accepts. Formatted
+/// only when a message is written: checking a call allocates nothing.
+pub(crate) fn shown(name: &str) -> Shown<'_> {
+    Shown(name)
+}
+
+/// See [`shown`].
+pub(crate) struct Shown<'a>(&'a str);
+
+impl std::fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const MAX: usize = 64;
+        match self.0.char_indices().nth(MAX) {
+            None => f.write_str(self.0),
+            Some((end, _)) => write!(f, "{}...", &self.0[..end]),
+        }
     }
 }
 
@@ -368,7 +377,11 @@ fn len_i64(len: u64) -> i64 {
     i64::try_from(len).unwrap_or(i64::MAX)
 }
 
-fn check_size(buffer: &str, len: u64, caps: &DeviceCaps) -> Result<(), PlanError> {
+fn check_size(
+    buffer: &dyn std::fmt::Display,
+    len: u64,
+    caps: &DeviceCaps,
+) -> Result<(), PlanError> {
     let bytes = len.saturating_mul(ElemType::F32.size() as u64);
     let max = caps.max_storage_binding.min(caps.max_buffer_size);
     if bytes > max {
