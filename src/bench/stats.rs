@@ -341,10 +341,12 @@ pub struct Summary {
 /// Percentiles the breakdown reports.
 pub const BREAKDOWN_PERCENTILES: [f64; 5] = [50.0, 90.0, 99.0, 99.9, 99.99];
 
-/// For each percentile, the mean parts of the calls whose total ranks
-/// within half a percent of it (at least the one call at that rank), so the
-/// parts add up to a latency at that percentile. Percentiles finer than the
-/// sample resolves (99.99 with fewer than 10,000 calls) are left out.
+/// For each percentile, the mean parts of the calls ranked around it (at
+/// least the one call at that rank), so the parts add up to a latency at
+/// that percentile. The window is half a percent of the calls, narrowed to
+/// a tenth of the tail above the percentile, so that a p99.9 row averages
+/// calls near p99.9 and not the whole top percent. Percentiles finer than
+/// the sample resolves (99.99 with fewer than 10,000 calls) are left out.
 pub fn breakdown(parts: &[Parts]) -> Vec<BreakdownRow> {
     let n = parts.len();
     if n == 0 {
@@ -352,12 +354,13 @@ pub fn breakdown(parts: &[Parts]) -> Vec<BreakdownRow> {
     }
     let mut sorted: Vec<&Parts> = parts.iter().collect();
     sorted.sort_by(|a, b| a.total.total_cmp(&b.total));
-    let window = ((n as f64) * 0.005).floor() as usize;
     BREAKDOWN_PERCENTILES
         .iter()
         .filter(|&&p| p <= 50.0 || (n as f64) * (1.0 - p / 100.0) >= 1.0 - 1e-9)
         .map(|&p| {
             let rank = (((p / 100.0) * n as f64).ceil() as usize).clamp(1, n) - 1;
+            let tail = (n as f64) * (1.0 - p / 100.0) * 0.1;
+            let window = ((n as f64) * 0.005).min(tail).floor() as usize;
             let lo = rank.saturating_sub(window);
             let hi = (rank + window).min(n - 1);
             let mut acc = Parts::default();
@@ -408,5 +411,28 @@ mod tests {
             rows.windows(2)
                 .all(|w| w[0].parts.total <= w[1].parts.total)
         );
+    }
+
+    #[test]
+    fn tail_rows_average_calls_near_their_percentile() {
+        let device = Device {
+            gpu_us: 3,
+            kernel_us: None,
+        };
+        let parts: Vec<Parts> = (1..=100_000)
+            .map(|t| Parts::new(t, 0, 1, 2, device, 4))
+            .collect();
+        let rows = breakdown(&parts);
+        for (row, want) in rows
+            .iter()
+            .zip([50_000.0, 90_000.0, 99_000.0, 99_900.0, 99_990.0])
+        {
+            assert!(
+                (row.parts.total - want).abs() <= want * 0.0005,
+                "p{} row averages {} us, the percentile is {want} us",
+                row.percentile,
+                row.parts.total
+            );
+        }
     }
 }
