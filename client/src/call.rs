@@ -1,8 +1,9 @@
 //! What a call sends ([`Call`]) and what it gets back ([`Response`]).
 
 use std::ops::Range;
-use std::sync::Arc;
 use std::time::Duration;
+
+use bytes::Bytes;
 
 use quasar_transport::wire::{ArchivedResponseHeader, PayloadLayout};
 use quasar_transport::{BufferDesc, ElemType, NamedScalar, RequestHeader, Scalar, Timings};
@@ -32,7 +33,7 @@ impl Element for i32 {
 }
 
 /// A request header and the input buffers' bytes, in payload order.
-pub type RequestParts = (RequestHeader, Vec<Arc<[u8]>>);
+pub type RequestParts = (RequestHeader, Vec<Bytes>);
 
 /// A call to a kernel: its name, scalar arguments and input buffers.
 ///
@@ -45,7 +46,7 @@ pub struct Call {
     kernel: String,
     args: Vec<NamedScalar>,
     // Shared, so retries and clones of a call copy no payload.
-    buffers: Vec<(BufferDesc, Arc<[u8]>)>,
+    buffers: Vec<(BufferDesc, Bytes)>,
     pub(crate) deadline: Option<Duration>,
     workgroups: Option<[u32; 3]>,
     pub(crate) retryable: bool,
@@ -89,22 +90,28 @@ impl Call {
                 elem: T::ELEM,
                 len: data.len() as u64,
             },
-            Arc::from(bytemuck::cast_slice::<T, u8>(data)),
+            Bytes::copy_from_slice(bytemuck::cast_slice::<T, u8>(data)),
         ));
         self
     }
 
     /// Adds an input buffer from raw little-endian bytes (a file's contents,
-    /// say). The length must be a multiple of the element size; this is
-    /// checked when the call is run.
-    pub fn input_bytes(mut self, name: impl Into<String>, elem: ElemType, bytes: Vec<u8>) -> Self {
+    /// say), without copying them. The length must be a multiple of the
+    /// element size; this is checked when the call is run.
+    pub fn input_bytes(
+        mut self,
+        name: impl Into<String>,
+        elem: ElemType,
+        bytes: impl Into<Bytes>,
+    ) -> Self {
+        let bytes = bytes.into();
         self.buffers.push((
             BufferDesc {
                 name: name.into(),
                 elem,
                 len: (bytes.len() / elem.size()) as u64,
             },
-            Arc::from(bytes),
+            bytes,
         ));
         self
     }

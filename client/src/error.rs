@@ -50,6 +50,9 @@ pub enum ProtocolError {
     /// The status code is not one this client knows.
     #[error("unknown status code {0}")]
     UnknownStatus(u16),
+    /// Bytes followed the response frame on its stream.
+    #[error("{0} bytes after the end of the response")]
+    Trailing(usize),
 }
 
 /// Why a call failed.

@@ -53,11 +53,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use quasar_transport::frame::FrameKind;
-use quasar_transport::io::{read_aligned, read_frame, write_frame};
+use quasar_transport::io::{FrameReader, write_frame_chunks};
 use quasar_transport::socket;
 use quasar_transport::tls::{self, QuicTuning};
-use quasar_transport::wire::{PayloadLayout, access_response, encode_request};
+use quasar_transport::wire::{PAYLOAD_ALIGN, PayloadLayout, access_response, encode_request};
 use quasar_transport::{CloseCode, Limits, ReadFrameError, StreamCode};
 
 pub use call::{Call, Element, OutputRef, Response};
@@ -203,7 +205,9 @@ pub struct Client {
 struct Inner {
     endpoint: quinn::Endpoint,
     /// The current connection, replaced when it is lost.
-    conn: std::sync::Mutex<quinn::Connection>,
+    /// Behind an `Arc` because cloning a `quinn::Connection` itself locks
+    /// the connection's state (contended with its driver) to count handles.
+    conn: std::sync::RwLock<Arc<quinn::Connection>>,
     /// Held while reconnecting, so concurrent calls reconnect once; holds
     /// the number of dials so far and the last one's failure, so calls that
     /// waited for a failed dial share its error instead of each dialling in
@@ -256,7 +260,7 @@ impl Client {
         Ok(Self {
             inner: Arc::new(Inner {
                 endpoint,
-                conn: std::sync::Mutex::new(conn),
+                conn: std::sync::RwLock::new(Arc::new(conn)),
                 reconnecting: tokio::sync::Mutex::new(Dials::default()),
                 dials: std::sync::atomic::AtomicU64::new(0),
                 closed: std::sync::atomic::AtomicBool::new(false),
@@ -274,15 +278,15 @@ impl Client {
         self.inner.server
     }
 
-    fn current(&self) -> quinn::Connection {
-        match self.inner.conn.lock() {
+    fn current(&self) -> Arc<quinn::Connection> {
+        match self.inner.conn.read() {
             Ok(c) => c.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
 
     /// The connection, re-established first if it was lost.
-    async fn connection(&self) -> Result<quinn::Connection, CallError> {
+    async fn connection(&self) -> Result<Arc<quinn::Connection>, CallError> {
         use std::sync::atomic::Ordering;
         let conn = self.current();
         if conn.close_reason().is_none() {
@@ -327,7 +331,8 @@ impl Client {
             return Err(CallError::Connection(quinn::ConnectionError::LocallyClosed));
         }
         tracing::debug!(server = %i.server, "reconnected");
-        match i.conn.lock() {
+        let fresh = Arc::new(fresh);
+        match i.conn.write() {
             Ok(mut c) => *c = fresh.clone(),
             Err(poisoned) => *poisoned.into_inner() = fresh.clone(),
         }
@@ -371,26 +376,23 @@ impl Client {
         } else {
             1
         };
+        let deadline = call.deadline;
+        // Checked and laid out once; attempts share the payload's bytes.
+        let mut request = Request::new(call, &self.inner.limits)?;
         let mut backoff = policy.initial_backoff;
         let mut attempt = 1;
         let started = Instant::now();
         loop {
             // Each attempt tells the server only the time the call has left.
-            let mut this = call.clone();
-            if let Some(total) = call.deadline {
-                this.deadline = Some(total.saturating_sub(started.elapsed()));
+            if let Some(total) = deadline {
+                request.set_timeout(total.saturating_sub(started.elapsed()));
             }
-            let result = match self.connection().await {
-                Ok(conn) => {
-                    let once = self.execute_on(&conn, this);
-                    match policy.per_try_timeout {
-                        Some(t) => tokio::time::timeout(t, once)
-                            .await
-                            .unwrap_or(Err(CallError::AttemptTimeout(t))),
-                        None => once.await,
-                    }
-                }
-                Err(e) => Err(e),
+            let once = self.attempt(&request);
+            let result = match policy.per_try_timeout {
+                Some(t) => tokio::time::timeout(t, once)
+                    .await
+                    .unwrap_or(Err(CallError::AttemptTimeout(t))),
+                None => once.await,
             };
             match result {
                 Err(e) if attempt < attempts && e.is_retryable() => {
@@ -404,13 +406,132 @@ impl Client {
         }
     }
 
-    async fn execute_on(
-        &self,
-        conn: &quinn::Connection,
-        call: Call,
-    ) -> Result<Response, CallError> {
+    /// A call's stream, on the current connection, re-established first if
+    /// it was lost (which `open_bi` reports at once, so a healthy connection
+    /// costs no separate check).
+    async fn open(&self) -> Result<CallStream, CallError> {
+        let (send, recv) = match self.current().open_bi().await {
+            Ok(streams) => streams,
+            Err(_) => self.connection().await?.open_bi().await?,
+        };
+        Ok(CallStream {
+            send,
+            recv,
+            done: false,
+        })
+    }
+
+    async fn attempt(&self, request: &Request) -> Result<Response, CallError> {
         let started = Instant::now();
         let limits = &self.inner.limits;
+        let header_bytes =
+            encode_request(&request.header).map_err(|e| CallError::InvalidCall(e.to_string()))?;
+        if header_bytes.len() > limits.max_header_len as usize {
+            return Err(CallError::InvalidCall(format!(
+                "request header of {} bytes exceeds the limit of {} bytes",
+                header_bytes.len(),
+                limits.max_header_len
+            )));
+        }
+        let encoded = started.elapsed();
+
+        let mut stream = self.open().await?;
+        // One write of every piece: one lock of the connection and one wake
+        // of its driver, however many buffers the call has.
+        match write_frame_chunks(
+            &mut stream.send,
+            FrameKind::Request,
+            &header_bytes,
+            &request.payload,
+        )
+        .await
+        {
+            Ok(()) => {
+                let _ = stream.send.finish();
+            }
+            // The server refused the call before reading all of it; its
+            // reply says why.
+            Err(quinn::WriteError::Stopped(_)) => {}
+            Err(quinn::WriteError::ConnectionLost(e)) => return Err(CallError::Connection(e)),
+            Err(e) => return Err(CallError::Send(e)),
+        }
+        let sent = started.elapsed();
+
+        let mut reader = FrameReader::new(&mut stream.recv);
+        let (prefix, header) = reader
+            .head(FrameKind::Response, limits)
+            .await
+            .map_err(receive_error)?;
+        let first_byte = started.elapsed();
+        let archived = access_response(&header).map_err(ProtocolError::Wire)?;
+        let status = archived.status.to_native();
+        let code = StatusCode::from_u16(status).ok_or(ProtocolError::UnknownStatus(status))?;
+        let timings = archived.timings.to_native();
+        if code != StatusCode::Ok {
+            // Read the end, as below; an error reply carries no payload.
+            if prefix.payload_len == 0 {
+                let _ = reader.end_if_arrived();
+            }
+            stream.done = true;
+            return Err(CallError::Status {
+                code,
+                message: archived.message.as_str().to_owned(),
+                timings,
+            });
+        }
+        let outputs = call::outputs_of(archived, prefix.payload_len)?;
+        let payload = reader
+            .aligned(prefix.payload_len, "payload")
+            .await
+            .map_err(receive_error)?;
+        // The FIN normally arrives with the payload: reading it spares a
+        // STOP_SENDING packet per call (the stream is not waited on for it).
+        // Whatever else happens to the stream now, the response is whole.
+        if let Err(ReadFrameError::Trailing { len }) = reader.end_if_arrived() {
+            return Err(ProtocolError::Trailing(len).into());
+        }
+        stream.done = true;
+        Ok(Response::new(
+            outputs,
+            payload,
+            timings,
+            call::ClientTimings {
+                encode: encoded,
+                sent,
+                first_byte,
+                total: started.elapsed(),
+            },
+        ))
+    }
+
+    /// The current connection's QUIC statistics: round-trip time, packets
+    /// and bytes each way, losses, congestion window. A reconnection starts
+    /// them again.
+    pub fn connection_stats(&self) -> quinn::ConnectionStats {
+        self.current().stats()
+    }
+
+    /// Closes the connection (calls in flight fail) and waits until the
+    /// server has been told.
+    pub async fn close(&self) {
+        self.inner
+            .closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.current()
+            .close(CloseCode::ClientDone.varint(), b"client closed");
+        self.inner.endpoint.wait_idle().await;
+    }
+}
+
+/// A call checked and laid out for sending: its header, and its payload as
+/// the buffers' own bytes with the alignment padding between them.
+struct Request {
+    header: quasar_transport::RequestHeader,
+    payload: Vec<Bytes>,
+}
+
+impl Request {
+    fn new(call: Call, limits: &Limits) -> Result<Self, CallError> {
         let (header, buffers) = call.into_request()?;
         let layout = PayloadLayout::new(
             header
@@ -426,85 +547,26 @@ impl Client {
                 limits.max_payload_len
             )));
         }
-        let header_bytes =
-            encode_request(&header).map_err(|e| CallError::InvalidCall(e.to_string()))?;
-        if header_bytes.len() > limits.max_header_len as usize {
-            return Err(CallError::InvalidCall(format!(
-                "request header of {} bytes exceeds the limit of {} bytes",
-                header_bytes.len(),
-                limits.max_header_len
-            )));
-        }
-        let encoded = started.elapsed();
-
-        let (send, recv) = conn.open_bi().await?;
-        let mut stream = CallStream {
-            send,
-            recv,
-            done: false,
-        };
-        match write_frame(
-            &mut stream.send,
-            FrameKind::Request,
-            &header_bytes,
-            &buffers,
-        )
-        .await
-        {
-            Ok(()) => {
-                let _ = stream.send.finish();
+        static PADDING: [u8; PAYLOAD_ALIGN] = [0; PAYLOAD_ALIGN];
+        let mut payload = Vec::with_capacity(2 * buffers.len());
+        let mut at = 0;
+        for (slot, data) in layout.slots().iter().zip(buffers) {
+            let mut pad = slot.start.saturating_sub(at);
+            while pad > 0 {
+                let n = pad.min(PAYLOAD_ALIGN);
+                payload.push(Bytes::from_static(&PADDING[..n]));
+                pad -= n;
             }
-            // The server refused the call before reading all of it; its
-            // reply says why.
-            Err(quinn::WriteError::Stopped(_)) => {}
-            Err(quinn::WriteError::ConnectionLost(e)) => return Err(CallError::Connection(e)),
-            Err(e) => return Err(CallError::Send(e)),
+            if !data.is_empty() {
+                payload.push(data);
+            }
+            at = slot.end;
         }
-        let sent = started.elapsed();
-
-        let (prefix, header) = read_frame(&mut stream.recv, FrameKind::Response, limits)
-            .await
-            .map_err(receive_error)?;
-        let first_byte = started.elapsed();
-        let archived = access_response(&header).map_err(ProtocolError::Wire)?;
-        let status = archived.status.to_native();
-        let code = StatusCode::from_u16(status).ok_or(ProtocolError::UnknownStatus(status))?;
-        let timings = archived.timings.to_native();
-        if code != StatusCode::Ok {
-            stream.done = true;
-            return Err(CallError::Status {
-                code,
-                message: archived.message.as_str().to_owned(),
-                timings,
-            });
-        }
-        let outputs = call::outputs_of(archived, prefix.payload_len)?;
-        let payload = read_aligned(&mut stream.recv, prefix.payload_len, "payload")
-            .await
-            .map_err(receive_error)?;
-        stream.done = true;
-        Ok(Response::new(
-            outputs,
-            payload,
-            timings,
-            call::ClientTimings {
-                encode: encoded,
-                sent,
-                first_byte,
-                total: started.elapsed(),
-            },
-        ))
+        Ok(Self { header, payload })
     }
 
-    /// Closes the connection (calls in flight fail) and waits until the
-    /// server has been told.
-    pub async fn close(&self) {
-        self.inner
-            .closed
-            .store(true, std::sync::atomic::Ordering::Release);
-        self.current()
-            .close(CloseCode::ClientDone.varint(), b"client closed");
-        self.inner.endpoint.wait_idle().await;
+    fn set_timeout(&mut self, left: Duration) {
+        self.header.timeout_us = Some(u64::try_from(left.as_micros()).unwrap_or(u64::MAX));
     }
 }
 

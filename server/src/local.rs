@@ -11,7 +11,7 @@ use quasar_transport::{ECHO_KERNEL, Limits, Payload, RequestHeader, StatusCode, 
 use thiserror::Error;
 use tokio::sync::oneshot;
 
-use crate::gpu::executor::{GpuExecutor, Job, JobOutput};
+use crate::gpu::executor::{GpuExecutor, Job, JobOutput, Reservation};
 use crate::gpu::{AdapterSummary, GpuError};
 use crate::kernel::plan::{plan, plan_echo};
 use crate::{GpuConfig, Registry};
@@ -185,7 +185,7 @@ impl LocalDispatcher {
                 enqueued: Instant::now(),
                 deadline: None,
                 reply: tx,
-                permit: Vec::new(),
+                permit: Reservation::default(),
             })
             .map_err(|e| fail(e.status(), e.to_string()))?;
         Ok((layout, rx))

@@ -58,3 +58,47 @@ async fn the_echo_checks_its_request() {
     crate::support::assert_serving(&server).await;
     server.stop().await;
 }
+
+/// Each side reads the end of the other's stream along with the frame, so
+/// a call costs one packet each way: a receive side dropped before its FIN
+/// was read made QUIC send STOP_SENDING, a second packet each way per call.
+#[tokio::test]
+async fn a_small_call_is_one_packet_each_way_with_no_stop_sending() {
+    let server = server_with(|_| {}).await;
+    let client = client(&server).await;
+    client.ping().await.expect("warm-up");
+    let before = client.connection_stats();
+    const CALLS: u64 = 200;
+    for i in 0..CALLS {
+        let data = [i as u32; 16];
+        let r = client
+            .execute(Call::new(ECHO_KERNEL).input("data", &data))
+            .await
+            .expect("echo");
+        assert_eq!(r.output::<u32>("data").expect("data"), &data);
+    }
+    let after = client.connection_stats();
+    assert_eq!(
+        after.frame_tx.stop_sending - before.frame_tx.stop_sending,
+        0,
+        "the client stopped streams"
+    );
+    assert_eq!(
+        after.frame_rx.stop_sending - before.frame_rx.stop_sending,
+        0,
+        "the server stopped streams"
+    );
+    let sent = after.udp_tx.datagrams - before.udp_tx.datagrams;
+    let received = after.udp_rx.datagrams - before.udp_rx.datagrams;
+    // A few acknowledgement-only packets may come on top.
+    assert!(
+        sent <= CALLS * 5 / 4,
+        "{sent} datagrams sent for {CALLS} calls"
+    );
+    assert!(
+        received <= CALLS * 5 / 4,
+        "{received} datagrams received for {CALLS} calls"
+    );
+    client.close().await;
+    server.stop().await;
+}

@@ -98,6 +98,9 @@ async fn each_malformed_request_gets_its_documented_error() {
     let mut short_payload = good.clone();
     short_payload.truncate(good.len() - 8);
 
+    let mut trailing = good.clone();
+    trailing.extend_from_slice(&[1, 2, 3]);
+
     let cases: Vec<(&str, Vec<u8>, StatusCode, &str)> = vec![
         (
             "bad magic",
@@ -170,6 +173,12 @@ async fn each_malformed_request_gets_its_documented_error() {
             short_payload,
             StatusCode::InvalidArgument,
             "truncated",
+        ),
+        (
+            "bytes after the frame",
+            trailing,
+            StatusCode::InvalidArgument,
+            "3 bytes after the end of the frame",
         ),
     ];
     for (what, bytes, code, needle) in cases {

@@ -7,7 +7,7 @@ use quasar::embedded::EmbeddedServer;
 use quasar_client::{Call, Client, ClientConfig};
 use quasar_server::ServerConfig;
 use quasar_transport::frame::FrameKind;
-use quasar_transport::io::{read_aligned, read_frame};
+use quasar_transport::io::FrameReader;
 use quasar_transport::tls::{self, QuicTuning};
 use quasar_transport::wire::access_response;
 use quasar_transport::{Limits, StatusCode};
@@ -66,13 +66,16 @@ pub async fn raw_call(conn: &quinn::Connection, bytes: &[u8]) -> (StatusCode, St
     // The server may stop reading early (STOP_SENDING); its reply still comes.
     let _ = send.write_all(bytes).await;
     let _ = send.finish();
-    let (prefix, header) = read_frame(&mut recv, FrameKind::Response, &Limits::default())
+    let mut reader = FrameReader::new(&mut recv);
+    let (prefix, header) = reader
+        .head(FrameKind::Response, &Limits::default())
         .await
         .expect("a reply frame");
     let archived = access_response(&header).expect("a valid reply");
     let code = StatusCode::from_u16(archived.status.to_native()).expect("known status");
     let message = archived.message.as_str().to_owned();
-    let _payload = read_aligned(&mut recv, prefix.payload_len, "payload")
+    let _payload = reader
+        .aligned(prefix.payload_len, "payload")
         .await
         .expect("payload");
     (code, message)

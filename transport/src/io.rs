@@ -1,18 +1,20 @@
 //! Reading and writing whole frames on quinn streams.
 //!
-//! Reading is split in steps (prefix, header, payload) so that the caller can
-//! make decisions between them: the server checks its memory budget after
-//! the prefix and before it allocates the payload.
+//! A [`FrameReader`] reads a frame in steps (prefix and header, then the
+//! payload, then the end of the stream) so that the caller can make
+//! decisions between them: the server checks its memory budget after the
+//! header and before it takes the payload. Each step uses what earlier
+//! reads of the stream brought in before reading again.
 
 use std::ops::Range;
 
-use bytes::Bytes;
-use quinn::{ReadExactError, RecvStream, SendStream, WriteError};
+use bytes::{Buf, Bytes};
+use quinn::{RecvStream, SendStream, WriteError};
 use thiserror::Error;
 
 use crate::Limits;
 use crate::frame::{FrameError, FrameKind, PREFIX_LEN, Prefix};
-use crate::wire::{PAYLOAD_ALIGN, Payload, align_up};
+use crate::wire::Payload;
 
 /// Why a frame could not be read.
 #[derive(Debug, Error)]
@@ -56,38 +58,12 @@ pub enum ReadFrameError {
         /// The declared length.
         len: u64,
     },
-}
-
-/// Reads and checks a frame prefix.
-///
-/// # Errors
-/// [`ReadFrameError`] on a stream failure, a short stream or a bad prefix.
-pub async fn read_prefix(
-    recv: &mut RecvStream,
-    kind: FrameKind,
-    limits: &Limits,
-) -> Result<Prefix, ReadFrameError> {
-    let mut bytes = [0u8; PREFIX_LEN];
-    read_exact(recv, &mut bytes, "prefix").await?;
-    Ok(Prefix::decode(&bytes, kind, limits)?)
-}
-
-/// Reads exactly `len` bytes into a fresh aligned buffer.
-///
-/// The caller must have checked `len` against its limits: this allocates it.
-///
-/// # Errors
-/// [`ReadFrameError`] on a stream failure or a short stream.
-pub async fn read_aligned(
-    recv: &mut RecvStream,
-    len: u64,
-    part: &'static str,
-) -> Result<Payload, ReadFrameError> {
-    let len = usize::try_from(len).map_err(|_| ReadFrameError::TooLarge { len })?;
-    let mut buf = Payload::with_capacity(len);
-    buf.resize(len, 0);
-    read_exact(recv, &mut buf, part).await?;
-    Ok(buf)
+    /// Bytes followed the frame on its stream (a stream carries one frame).
+    #[error("{len} bytes after the end of the frame")]
+    Trailing {
+        /// Bytes seen after the frame (at least this many were sent).
+        len: usize,
+    },
 }
 
 /// A payload as the QUIC stack delivered it: the decrypted chunks of the
@@ -172,66 +148,163 @@ impl ChunkedPayload {
     }
 }
 
-/// Reads exactly `len` payload bytes as the chunks QUIC delivers, without
-/// copying them.
+/// Reads one frame from a stream, taking whatever the QUIC stack has
+/// received at each read.
 ///
-/// The caller must have checked `len` against its limits.
-///
-/// # Errors
-/// [`ReadFrameError`] on a stream failure or a short stream.
-pub async fn read_chunked(
-    recv: &mut RecvStream,
-    len: u64,
-    part: &'static str,
-) -> Result<ChunkedPayload, ReadFrameError> {
-    let len = usize::try_from(len).map_err(|_| ReadFrameError::TooLarge { len })?;
-    let mut chunks = Vec::new();
-    let mut read = 0usize;
-    while read < len {
-        let chunk = recv
-            .read_chunk(len - read, true)
-            .await
-            .map_err(|e| read_error(part, e))?;
-        let Some(chunk) = chunk else {
-            return Err(ReadFrameError::Truncated {
-                part,
-                read,
-                expected: len,
-            });
-        };
-        read += chunk.bytes.len();
-        chunks.push(chunk.bytes);
+/// Every read of a quinn stream locks its connection, which the
+/// connection's driver holds while it processes packets. Reading a small
+/// frame part by part (prefix, header, payload, end of stream) took four
+/// such locks per call where a frame that arrived in one packet needs one;
+/// what a read brings in beyond the current part is kept for the next.
+#[derive(Debug)]
+pub struct FrameReader<'a> {
+    recv: &'a mut RecvStream,
+    /// Received bytes not yet consumed.
+    buffered: Bytes,
+}
+
+impl<'a> FrameReader<'a> {
+    /// A reader at the start of `recv`.
+    pub fn new(recv: &'a mut RecvStream) -> Self {
+        Self {
+            recv,
+            buffered: Bytes::new(),
+        }
     }
-    Ok(ChunkedPayload { chunks, len })
-}
 
-/// Reads a prefix and the header archive that follows it.
-///
-/// # Errors
-/// As [`read_prefix`] and [`read_aligned`].
-pub async fn read_frame(
-    recv: &mut RecvStream,
-    kind: FrameKind,
-    limits: &Limits,
-) -> Result<(Prefix, Payload), ReadFrameError> {
-    let prefix = read_prefix(recv, kind, limits).await?;
-    let header = read_aligned(recv, u64::from(prefix.header_len), "header").await?;
-    Ok((prefix, header))
-}
+    /// Reads what the stream has next into `buffered`; false at its end.
+    async fn fill(&mut self, part: &'static str) -> Result<bool, ReadFrameError> {
+        loop {
+            match self.recv.read_chunk(usize::MAX, true).await {
+                Ok(Some(chunk)) if chunk.bytes.is_empty() => {}
+                Ok(Some(chunk)) => {
+                    self.buffered = chunk.bytes;
+                    return Ok(true);
+                }
+                Ok(None) => return Ok(false),
+                Err(e) => return Err(read_error(part, e)),
+            }
+        }
+    }
 
-async fn read_exact(
-    recv: &mut RecvStream,
-    buf: &mut [u8],
-    part: &'static str,
-) -> Result<(), ReadFrameError> {
-    recv.read_exact(buf).await.map_err(|e| match e {
-        ReadExactError::FinishedEarly(read) => ReadFrameError::Truncated {
-            part,
-            read,
-            expected: buf.len(),
-        },
-        ReadExactError::ReadError(e) => read_error(part, e),
-    })
+    async fn read_into(
+        &mut self,
+        dst: &mut [u8],
+        part: &'static str,
+    ) -> Result<(), ReadFrameError> {
+        let mut at = 0;
+        while at < dst.len() {
+            if self.buffered.is_empty() && !self.fill(part).await? {
+                return Err(ReadFrameError::Truncated {
+                    part,
+                    read: at,
+                    expected: dst.len(),
+                });
+            }
+            let n = (dst.len() - at).min(self.buffered.len());
+            dst[at..at + n].copy_from_slice(&self.buffered[..n]);
+            self.buffered.advance(n);
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Reads and checks the frame's prefix, then its header archive (into
+    /// an aligned buffer of the length the prefix declared, which
+    /// [`Prefix::decode`] has checked against `limits`).
+    ///
+    /// # Errors
+    /// [`ReadFrameError`] on a stream failure, a short stream or a bad
+    /// prefix.
+    pub async fn head(
+        &mut self,
+        kind: FrameKind,
+        limits: &Limits,
+    ) -> Result<(Prefix, Payload), ReadFrameError> {
+        let mut bytes = [0u8; PREFIX_LEN];
+        self.read_into(&mut bytes, "prefix").await?;
+        let prefix = Prefix::decode(&bytes, kind, limits)?;
+        let header = self.aligned(u64::from(prefix.header_len), "header").await?;
+        Ok((prefix, header))
+    }
+
+    /// Reads exactly `len` bytes into a fresh aligned buffer.
+    ///
+    /// The caller must have checked `len` against its limits: this
+    /// allocates it.
+    ///
+    /// # Errors
+    /// [`ReadFrameError`] on a stream failure or a short stream.
+    pub async fn aligned(
+        &mut self,
+        len: u64,
+        part: &'static str,
+    ) -> Result<Payload, ReadFrameError> {
+        let len = usize::try_from(len).map_err(|_| ReadFrameError::TooLarge { len })?;
+        let mut buf = Payload::with_capacity(len);
+        buf.resize(len, 0);
+        self.read_into(&mut buf, part).await?;
+        Ok(buf)
+    }
+
+    /// Reads exactly `len` bytes as the chunks QUIC delivered, without
+    /// copying them.
+    ///
+    /// The caller must have checked `len` against its limits.
+    ///
+    /// # Errors
+    /// [`ReadFrameError`] on a stream failure or a short stream.
+    pub async fn chunked(
+        &mut self,
+        len: u64,
+        part: &'static str,
+    ) -> Result<ChunkedPayload, ReadFrameError> {
+        let len = usize::try_from(len).map_err(|_| ReadFrameError::TooLarge { len })?;
+        let mut chunks = Vec::new();
+        let mut read = 0usize;
+        while read < len {
+            if self.buffered.is_empty() && !self.fill(part).await? {
+                return Err(ReadFrameError::Truncated {
+                    part,
+                    read,
+                    expected: len,
+                });
+            }
+            let n = (len - read).min(self.buffered.len());
+            chunks.push(self.buffered.split_to(n));
+            read += n;
+        }
+        Ok(ChunkedPayload { chunks, len })
+    }
+
+    /// After the whole frame: reads the end of the stream if it has already
+    /// arrived, without waiting for it; true if it had.
+    ///
+    /// A peer finishes its side right after writing the frame, so the FIN
+    /// normally travels in the frame's last packet. Reading it matters: a
+    /// receive side dropped before its FIN was read makes QUIC send
+    /// `STOP_SENDING`, one more packet per call, which the peer then has to
+    /// process.
+    ///
+    /// # Errors
+    /// [`ReadFrameError::Trailing`] if bytes follow the frame; a stream
+    /// reset after the frame as any read error.
+    pub fn end_if_arrived(&mut self) -> Result<bool, ReadFrameError> {
+        use futures_util::FutureExt;
+        if !self.buffered.is_empty() {
+            return Err(ReadFrameError::Trailing {
+                len: self.buffered.len(),
+            });
+        }
+        match self.recv.read_chunk(usize::MAX, true).now_or_never() {
+            None => Ok(false),
+            Some(Ok(None)) => Ok(true),
+            Some(Ok(Some(chunk))) => Err(ReadFrameError::Trailing {
+                len: chunk.bytes.len(),
+            }),
+            Some(Err(e)) => Err(read_error("end of the stream", e)),
+        }
+    }
 }
 
 /// A lost connection is reported as such (callers tell it from a stream
@@ -268,53 +341,6 @@ pub async fn write_frame_chunks(
     parts.push(Bytes::from(head));
     parts.extend(payload.iter().filter(|b| !b.is_empty()).cloned());
     send.write_all_chunks(&mut parts).await
-}
-
-/// The payload length of `buffers` laid out with [`PAYLOAD_ALIGN`] padding.
-pub fn padded_len<B: AsRef<[u8]>>(buffers: &[B]) -> u64 {
-    let mut end = 0usize;
-    for b in buffers {
-        end = align_up(end)
-            .unwrap_or(usize::MAX)
-            .saturating_add(b.as_ref().len());
-    }
-    end as u64
-}
-
-/// Writes a whole frame: prefix, header archive, then each buffer at the next
-/// multiple of [`PAYLOAD_ALIGN`]. Does not finish the stream.
-///
-/// # Errors
-/// The stream's [`WriteError`].
-pub async fn write_frame<B: AsRef<[u8]>>(
-    send: &mut SendStream,
-    kind: FrameKind,
-    header: &[u8],
-    buffers: &[B],
-) -> Result<(), WriteError> {
-    let header_len = u32::try_from(header.len()).unwrap_or(u32::MAX);
-    let prefix = Prefix {
-        kind,
-        header_len,
-        payload_len: padded_len(buffers),
-    };
-    // One write for the small parts so they leave in one packet.
-    let mut head = Vec::with_capacity(PREFIX_LEN + header.len());
-    head.extend_from_slice(&prefix.encode());
-    head.extend_from_slice(header);
-    send.write_all(&head).await?;
-    const ZEROS: [u8; PAYLOAD_ALIGN] = [0; PAYLOAD_ALIGN];
-    let mut offset = 0usize;
-    for b in buffers {
-        let b = b.as_ref();
-        let pad = align_up(offset).unwrap_or(offset) - offset;
-        if pad > 0 {
-            send.write_all(&ZEROS[..pad]).await?;
-        }
-        send.write_all(b).await?;
-        offset += pad + b.len();
-    }
-    Ok(())
 }
 
 #[cfg(test)]

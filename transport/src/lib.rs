@@ -30,7 +30,7 @@ pub mod tls;
 pub mod wire;
 
 pub use frame::{FrameError, FrameKind, PREFIX_LEN, Prefix};
-pub use io::{ReadFrameError, read_frame, write_frame};
+pub use io::{FrameReader, ReadFrameError};
 pub use limits::Limits;
 pub use status::{CloseCode, StatusCode, StreamCode};
 pub use wire::{

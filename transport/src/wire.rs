@@ -285,7 +285,14 @@ pub fn access_response(bytes: &[u8]) -> Result<&ArchivedResponseHeader, WireErro
 /// [`WireError::Archive`] if serialization fails (it does not for well-formed
 /// values; the error is kept rather than unwrapped).
 pub fn encode_request(header: &RequestHeader) -> Result<AlignedVec, WireError> {
-    rkyv::to_bytes::<rancor::Error>(header).map_err(WireError::Archive)
+    rkyv::api::high::to_bytes_in::<_, rancor::Error>(header, header_buffer())
+        .map_err(WireError::Archive)
+}
+
+/// A buffer for archiving a header, sized so that a typical one (a kernel
+/// name and a few buffer and argument names) is written without growing it.
+fn header_buffer() -> AlignedVec {
+    AlignedVec::with_capacity(256)
 }
 
 /// Archives a response header.
@@ -293,7 +300,8 @@ pub fn encode_request(header: &RequestHeader) -> Result<AlignedVec, WireError> {
 /// # Errors
 /// As [`encode_request`].
 pub fn encode_response(header: &ResponseHeader) -> Result<AlignedVec, WireError> {
-    rkyv::to_bytes::<rancor::Error>(header).map_err(WireError::Archive)
+    rkyv::api::high::to_bytes_in::<_, rancor::Error>(header, header_buffer())
+        .map_err(WireError::Archive)
 }
 
 /// Where each buffer sits in a payload.
@@ -358,9 +366,8 @@ impl PayloadLayout {
 }
 
 /// Lays `buffers` out as one payload, each at the next multiple of
-/// [`PAYLOAD_ALIGN`] with zero padding: the bytes
-/// [`crate::io::write_frame`] sends, in one buffer (for running a call
-/// in-process).
+/// [`PAYLOAD_ALIGN`] with zero padding: the bytes a request carries, in one
+/// buffer (for running a call in-process).
 pub fn lay_out<B: AsRef<[u8]>>(buffers: &[B]) -> Payload {
     let mut payload = Payload::new();
     for b in buffers {

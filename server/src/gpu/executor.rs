@@ -188,7 +188,25 @@ pub struct Job {
     pub reply: oneshot::Sender<Result<JobOutput, ExecError>>,
     /// The call's share of the server's in-flight byte budgets, released
     /// with the last of its bytes (moved into the output on success).
-    pub permit: Vec<OwnedSemaphorePermit>,
+    pub permit: Reservation,
+}
+
+/// A call's share of the in-flight byte budgets (its connection's and the
+/// server's), given back when dropped. In-process calls hold none.
+#[derive(Debug, Default)]
+pub struct Reservation {
+    _connection: Option<OwnedSemaphorePermit>,
+    _server: Option<OwnedSemaphorePermit>,
+}
+
+impl Reservation {
+    /// Holds both shares until dropped.
+    pub fn new(connection: OwnedSemaphorePermit, server: OwnedSemaphorePermit) -> Self {
+        Self {
+            _connection: Some(connection),
+            _server: Some(server),
+        }
+    }
 }
 
 impl Queued for Job {
@@ -216,7 +234,7 @@ pub struct JobOutput {
     pub readback: Duration,
     /// The call's share of the in-flight byte budgets, held until the
     /// response has been written.
-    pub permit: Vec<OwnedSemaphorePermit>,
+    pub permit: Reservation,
 }
 
 /// Why a job failed on the GPU side.
