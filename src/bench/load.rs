@@ -284,34 +284,57 @@ pub async fn run(
             }
         }
         Load::Open { rate, max_inflight } => {
+            // Calls start from a thread of their own, which sleeps until
+            // just before each intended start and yields for the rest.
+            // tokio's timer has millisecond granularity: on it, calls
+            // started in bursts at each tick, and every corrected latency
+            // carried up to a millisecond of the generator's own lateness.
             let interval = Duration::from_secs_f64(1.0 / rate.max(1e-6));
             let slots = Arc::new(Semaphore::new(max_inflight.max(1)));
-            let mut i: u64 = 0;
-            loop {
-                let intended = t0 + interval.mul_f64(i as f64);
-                i += 1;
-                let Some(measured) = claim(intended) else {
-                    break;
-                };
-                tokio::select! {
-                    () = tokio::time::sleep_until(intended.into()) => {}
-                    () = cancel.cancelled() => break,
-                }
-                let permit = tokio::select! {
-                    p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                    () = cancel.cancelled() => break,
-                };
-                let (target, work, live) = (target.clone(), work.clone(), live.clone());
-                let idx = i as usize;
-                tasks.spawn(async move {
-                    let r = call_once(&target, &work, idx, Some(intended)).await;
-                    drop(permit);
-                    if measured {
-                        live.record(&r);
+            let handle = tokio::runtime::Handle::current();
+            let (target, work, live, cancel) =
+                (target.clone(), work.clone(), live.clone(), cancel.clone());
+            let issuer = tokio::task::spawn_blocking(move || {
+                let mut tasks = JoinSet::new();
+                let mut i: u64 = 0;
+                loop {
+                    let intended = t0 + interval.mul_f64(i as f64);
+                    i += 1;
+                    let Some(measured) = claim(intended) else {
+                        break;
+                    };
+                    if !wait_until(intended, &cancel) {
+                        break;
                     }
-                });
-                // Reap finished tasks so the set does not grow with the run.
-                while tasks.try_join_next().is_some() {}
+                    let permit = handle.block_on(async {
+                        tokio::select! {
+                            p = slots.clone().acquire_owned() => p.ok(),
+                            () = cancel.cancelled() => None,
+                        }
+                    });
+                    let Some(permit) = permit else { break };
+                    let (target, work, live) = (target.clone(), work.clone(), live.clone());
+                    let idx = i as usize;
+                    tasks.spawn_on(
+                        async move {
+                            let r = call_once(&target, &work, idx, Some(intended)).await;
+                            drop(permit);
+                            if measured {
+                                live.record(&r);
+                            }
+                        },
+                        &handle,
+                    );
+                    // Reap finished tasks so the set does not grow with the run.
+                    while tasks.try_join_next().is_some() {}
+                }
+                tasks
+            });
+            match issuer.await {
+                Ok(issued) => tasks = issued,
+                // The issuer's calls were aborted with it; what they
+                // recorded stays.
+                Err(e) => eprintln!("the open-loop call generator failed: {e}"),
             }
         }
     }
@@ -338,6 +361,28 @@ pub async fn run(
         recorder,
         elapsed: end.saturating_duration_since(started),
         interrupted: cancel.is_cancelled(),
+    }
+}
+
+/// Blocks until `deadline`, to within a few microseconds: sleeps until
+/// shortly before it (a sleeping thread is woken up to about 100 us late)
+/// and yields the processor for the rest. False if `cancel` fired first.
+fn wait_until(deadline: Instant, cancel: &CancellationToken) -> bool {
+    const YIELD_FOR: Duration = Duration::from_micros(150);
+    loop {
+        if cancel.is_cancelled() {
+            return false;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        if left > YIELD_FOR {
+            // In slices, so a cancellation is seen within 50 ms.
+            std::thread::sleep((left - YIELD_FOR).min(Duration::from_millis(50)));
+        } else {
+            std::thread::yield_now();
+        }
     }
 }
 
