@@ -29,6 +29,24 @@ pub enum Target {
 }
 
 impl Target {
+    /// The QUIC statistics of the target's connections, summed (none for
+    /// the in-process target).
+    pub fn transport(&self) -> Option<TransportCounts> {
+        let stats: Vec<quinn::ConnectionStats> = match self {
+            Self::Remote(clients) => clients.iter().map(Client::connection_stats).collect(),
+            Self::Raw(clients) => clients.iter().map(RawClient::stats).collect(),
+            Self::Local(_) => return None,
+        };
+        let mut sum = TransportCounts::default();
+        for s in &stats {
+            sum.datagrams_up += s.udp_tx.datagrams;
+            sum.datagrams_down += s.udp_rx.datagrams;
+            sum.lost_packets += s.path.lost_packets;
+            sum.rtt = sum.rtt.max(s.path.rtt);
+        }
+        Some(sum)
+    }
+
     /// A short name for reports.
     pub fn name(&self) -> &'static str {
         match self {
@@ -37,6 +55,19 @@ impl Target {
             Self::Raw(_) => "raw",
         }
     }
+}
+
+/// What a target's QUIC connections have counted so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransportCounts {
+    /// UDP datagrams sent.
+    pub datagrams_up: u64,
+    /// UDP datagrams received.
+    pub datagrams_down: u64,
+    /// Packets QUIC declared lost.
+    pub lost_packets: u64,
+    /// The current round-trip estimate (the largest over the connections).
+    pub rtt: Duration,
 }
 
 /// The call a run repeats, in the forms each target needs.
@@ -189,6 +220,8 @@ pub struct Live {
     pub measuring_since: Mutex<Option<Instant>>,
     /// Measured calls started.
     pub issued: AtomicU64,
+    /// Calls finished, warm-up included (what the transport counts cover).
+    pub finished: AtomicU64,
 }
 
 impl Live {
@@ -197,6 +230,7 @@ impl Live {
             recorder: Mutex::new(Recorder::new()),
             measuring_since: Mutex::new(None),
             issued: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
         }
     }
 
@@ -276,6 +310,7 @@ pub async fn run(
                             r = call_once(&target, &work, worker, None) => r,
                             () = cancel.cancelled() => break,
                         };
+                        live.finished.fetch_add(1, Ordering::Relaxed);
                         if measured {
                             live.record(&r);
                         }
@@ -319,6 +354,7 @@ pub async fn run(
                         async move {
                             let r = call_once(&target, &work, idx, Some(intended)).await;
                             drop(permit);
+                            live.finished.fetch_add(1, Ordering::Relaxed);
                             if measured {
                                 live.record(&r);
                             }

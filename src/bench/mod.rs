@@ -68,6 +68,7 @@ pub async fn execute(
             let load_json = LoadJson::of(load, plan.connections);
             let label = format!("{} {}", target.name(), load_json.label());
             let live = load::live();
+            let before = target.transport();
             let bar = plan.progress.then(|| progress(&label, &live, plan.phases));
             let out = load::run(
                 target.clone(),
@@ -88,6 +89,9 @@ pub async fn execute(
                 load: load_json,
                 interrupted: out.interrupted,
                 summary: out.recorder.summary(out.elapsed),
+                transport: before.zip(target.transport()).and_then(|(b, a)| {
+                    report::TransportJson::between(b, a, live.finished.load(Ordering::Relaxed))
+                }),
                 recorder: out.recorder,
             };
             match &remote_run {

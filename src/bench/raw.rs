@@ -183,6 +183,11 @@ impl RawClient {
         })
     }
 
+    /// The connection's QUIC statistics.
+    pub fn stats(&self) -> quinn::ConnectionStats {
+        self.conn.stats()
+    }
+
     /// Sends `payload` and reads back `down` bytes; returns the bytes read.
     ///
     /// # Errors

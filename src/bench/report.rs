@@ -6,7 +6,7 @@ use std::io::Write;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use super::load::Load;
+use super::load::{Load, TransportCounts};
 use super::stats::{BreakdownRow, Recorder, Summary};
 
 /// The load of a run, as reported.
@@ -70,9 +70,41 @@ pub struct RunReport {
     /// The numbers.
     #[serde(flatten)]
     pub summary: Summary,
+    /// What the QUIC connections carried during the run (warm-up
+    /// included); none for the in-process target.
+    pub transport: Option<TransportJson>,
     /// The recorder, for the `.hgrm` files and plots.
     #[serde(skip)]
     pub recorder: Recorder,
+}
+
+/// A run's QUIC traffic, per call.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct TransportJson {
+    /// UDP datagrams the client sent per call.
+    pub datagrams_up_per_call: f64,
+    /// UDP datagrams the client received per call.
+    pub datagrams_down_per_call: f64,
+    /// Packets QUIC declared lost during the run.
+    pub lost_packets: u64,
+    /// QUIC's round-trip estimate at the end of the run, microseconds.
+    pub rtt_us: u64,
+}
+
+impl TransportJson {
+    /// The traffic between two snapshots, over `calls` calls.
+    pub fn between(before: TransportCounts, after: TransportCounts, calls: u64) -> Option<Self> {
+        if calls == 0 {
+            return None;
+        }
+        let per_call = |a: u64, b: u64| a.saturating_sub(b) as f64 / calls as f64;
+        Some(Self {
+            datagrams_up_per_call: per_call(after.datagrams_up, before.datagrams_up),
+            datagrams_down_per_call: per_call(after.datagrams_down, before.datagrams_down),
+            lost_packets: after.lost_packets.saturating_sub(before.lost_packets),
+            rtt_us: u64::try_from(after.rtt.as_micros()).unwrap_or(u64::MAX),
+        })
+    }
 }
 
 /// Remote against a baseline, for one step.
@@ -236,6 +268,16 @@ pub fn print_table(report: &Report, out: &mut impl Write) -> std::io::Result<()>
         writeln!(out, "{}", row(l))?;
         if matches!(run.load, LoadJson::Open { .. }) {
             writeln!(out, "{}  (uncorrected)", row(&s.latency_uncorrected_us))?;
+        }
+        if let Some(t) = &run.transport {
+            writeln!(
+                out,
+                "  transport: {:.2} datagrams up, {:.2} down per call; {} lost; rtt {}",
+                t.datagrams_up_per_call,
+                t.datagrams_down_per_call,
+                t.lost_packets,
+                us(t.rtt_us as f64)
+            )?;
         }
         if !s.breakdown_us.is_empty() && run.target != "raw" {
             writeln!(out, "  where the time went:")?;

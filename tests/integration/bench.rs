@@ -133,6 +133,24 @@ fn json_hgrm_and_plot_of_a_short_run_are_consistent() {
             );
         }
     }
+    // The QUIC traffic per call: 2,400 bytes up and 1,200 down take two
+    // datagrams up and one down (three and two while path MTU discovery
+    // has not yet raised quinn's initial 1,200-byte packets), for Quasar
+    // as for the raw echo; the in-process run has none.
+    for run in [&runs[0], &runs[2]] {
+        let t = &run["transport"];
+        let (up, down) = (
+            f(t, "datagrams_up_per_call"),
+            f(t, "datagrams_down_per_call"),
+        );
+        assert!((2.0..=3.5).contains(&up), "{t}");
+        assert!((1.0..=2.5).contains(&down), "{t}");
+        assert!(u(t, "rtt_us") > 0, "{t}");
+        assert!(t["lost_packets"].is_u64(), "{t}");
+    }
+    assert!(runs[1]["transport"].is_null());
+    assert!(text.contains("datagrams up"), "{text}");
+
     let comparisons = doc["comparisons"].as_array().expect("comparisons");
     assert_eq!(comparisons.len(), 2);
     assert!(comparisons.iter().all(|c| f(c, "p50_ratio") > 0.0));
