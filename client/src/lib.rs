@@ -50,7 +50,7 @@ pub mod error;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -279,10 +279,11 @@ impl Client {
     }
 
     fn current(&self) -> Arc<quinn::Connection> {
-        match self.inner.conn.read() {
-            Ok(c) => c.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.inner
+            .conn
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The connection, re-established first if it was lost.
@@ -324,18 +325,19 @@ impl Client {
             }
         };
         dials.last_failure = None;
-        // Closed while dialling: the new connection must not outlive
-        // `close`, which waits for the endpoint to go idle.
-        if i.closed.load(Ordering::Acquire) {
-            fresh.close(CloseCode::ClientDone.varint(), b"client closed");
-            return Err(CallError::Connection(quinn::ConnectionError::LocallyClosed));
+        let fresh = Arc::new(fresh);
+        {
+            // Checked and installed under the lock `close` takes: a client
+            // closed while dialling must not keep the new connection
+            // (`close` waits for the endpoint to go idle).
+            let mut current = i.conn.write().unwrap_or_else(PoisonError::into_inner);
+            if i.closed.load(Ordering::Acquire) {
+                fresh.close(CloseCode::ClientDone.varint(), b"client closed");
+                return Err(CallError::Connection(quinn::ConnectionError::LocallyClosed));
+            }
+            *current = fresh.clone();
         }
         tracing::debug!(server = %i.server, "reconnected");
-        let fresh = Arc::new(fresh);
-        match i.conn.write() {
-            Ok(mut c) => *c = fresh.clone(),
-            Err(poisoned) => *poisoned.into_inner() = fresh.clone(),
-        }
         Ok(fresh)
     }
 
@@ -387,12 +389,17 @@ impl Client {
             if let Some(total) = deadline {
                 request.set_timeout(total.saturating_sub(started.elapsed()));
             }
-            let once = self.attempt(&request);
             let result = match policy.per_try_timeout {
-                Some(t) => tokio::time::timeout(t, once)
-                    .await
-                    .unwrap_or(Err(CallError::AttemptTimeout(t))),
-                None => once.await,
+                // A lost connection is re-established before the attempt,
+                // outside its time: a dial cut short by the attempt's timer
+                // would leave the next call to dial again, and the next.
+                Some(t) => match self.connection().await {
+                    Ok(_) => tokio::time::timeout(t, self.attempt(&request))
+                        .await
+                        .unwrap_or(Err(CallError::AttemptTimeout(t))),
+                    Err(e) => Err(e),
+                },
+                None => self.attempt(&request).await,
             };
             match result {
                 Err(e) if attempt < attempts && e.is_retryable() => {
@@ -514,11 +521,20 @@ impl Client {
     /// Closes the connection (calls in flight fail) and waits until the
     /// server has been told.
     pub async fn close(&self) {
-        self.inner
-            .closed
-            .store(true, std::sync::atomic::Ordering::Release);
-        self.current()
-            .close(CloseCode::ClientDone.varint(), b"client closed");
+        {
+            // Under the lock a reconnection installs its connection with:
+            // either that connection is closed here, or the dialler sees
+            // the flag and closes it.
+            let current = self
+                .inner
+                .conn
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            self.inner
+                .closed
+                .store(true, std::sync::atomic::Ordering::Release);
+            current.close(CloseCode::ClientDone.varint(), b"client closed");
+        }
         self.inner.endpoint.wait_idle().await;
     }
 }

@@ -143,3 +143,42 @@ async fn calls_waiting_for_a_reconnect_share_its_failure() {
         "{CALLS} waiting calls took {took:?}: they dialled one after another"
     );
 }
+
+/// The per-attempt timeout bounds an attempt, not the reconnection before
+/// it: a handshake slower than the attempt's budget still completes (cut
+/// short each time, no attempt would ever find a connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnection_is_not_cut_short_by_the_per_attempt_timeout() {
+    let ca = Arc::new(CertificateAuthority::generate("per-try CA").expect("ca"));
+    let first = EmbeddedServer::start_with_ca(ca.clone(), |_| {})
+        .await
+        .expect("first server");
+    let addr = first.addr();
+    let mut config = first.client_config("c").expect("cert");
+    config.retry = RetryPolicy {
+        max_attempts: 2,
+        per_try_timeout: Some(Duration::from_millis(100)),
+        initial_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(10),
+    };
+    config.connect_timeout = Duration::from_secs(10);
+    let client = Client::connect(config).await.expect("connect");
+    client.execute(add()).await.expect("first call");
+    first.stop().await;
+    // The server comes back only after the client's first Initial went
+    // unanswered: the handshake completes on QUIC's retransmission, well
+    // after 100 ms.
+    let restart = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        EmbeddedServer::start_with_ca(ca, move |c| c.listen = addr)
+            .await
+            .expect("second server")
+    });
+    let r = client
+        .execute(add())
+        .await
+        .expect("the call succeeds once the reconnection completes");
+    assert_eq!(r.output::<f32>("out").expect("out"), &[11.0, 22.0]);
+    client.close().await;
+    restart.await.expect("join").stop().await;
+}
