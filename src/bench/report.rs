@@ -185,7 +185,7 @@ fn breakdown_line(row: &BreakdownRow) -> String {
         String::new()
     };
     format!(
-        "    p{:<6} {:>9} = {wait}client {:>7} + queue {:>7} + submit {:>7} + gpu {:>7} + readback {:>7} + network {:>7}",
+        "    p{:<6} {:>9} = {wait}client {:>7} + queue {:>7} + submit {:>7} + gpu {:>7} + readback {:>7} + server {:>7} + network {:>7}",
         row.percentile,
         us(p.total),
         us(p.client),
@@ -193,6 +193,7 @@ fn breakdown_line(row: &BreakdownRow) -> String {
         us(p.submit),
         us(p.gpu),
         us(p.readback),
+        us(p.server),
         us(p.network)
     )
 }

@@ -34,8 +34,14 @@ pub struct Parts {
     pub gpu: f64,
     /// Copying the outputs out of the mapped readback buffer.
     pub readback: f64,
-    /// The rest: transfer both ways, server I/O and request handling (for
-    /// the local baseline: header checking and hand-off to the executor).
+    /// The server's own handling, from the request's header read to the
+    /// reply ready, less queue, device and readback: reading the payload,
+    /// checking the request, handing the call to the GPU thread and being
+    /// woken with its result (for the local baseline, the same minus any
+    /// reading).
+    pub server: f64,
+    /// The rest: transfer both ways, the client's and the server's stream
+    /// I/O outside `server`, and writing the reply.
     pub network: f64,
 }
 
@@ -50,6 +56,7 @@ impl Parts {
         queue: u64,
         device: Device,
         readback: u64,
+        server: u64,
     ) -> Self {
         let total = total_us as f64;
         let (submit, gpu) = match device.kernel_us {
@@ -63,13 +70,14 @@ impl Parts {
             submit as f64,
             gpu as f64,
             readback as f64,
+            server as f64,
         ];
         let measured: f64 = v.iter().sum();
         if measured > total && measured > 0.0 {
             let k = total / measured;
             v.iter_mut().for_each(|x| *x *= k);
         }
-        let [w, c, q, s, g, r] = v;
+        let [w, c, q, s, g, r, h] = v;
         Self {
             total,
             wait: w,
@@ -78,6 +86,7 @@ impl Parts {
             submit: s,
             gpu: g,
             readback: r,
+            server: h,
             network: (total - v.iter().sum::<f64>()).max(0.0),
         }
     }
@@ -90,6 +99,7 @@ impl Parts {
         self.submit += o.submit;
         self.gpu += o.gpu;
         self.readback += o.readback;
+        self.server += o.server;
         self.network += o.network;
     }
 
@@ -101,6 +111,7 @@ impl Parts {
         self.submit *= k;
         self.gpu *= k;
         self.readback *= k;
+        self.server *= k;
         self.network *= k;
     }
 }
@@ -195,6 +206,10 @@ impl Recorder {
                         kernel_us: t.kernel_us,
                     },
                     t.readback_us,
+                    t.total_us
+                        .saturating_sub(t.queued_us)
+                        .saturating_sub(t.gpu_us)
+                        .saturating_sub(t.readback_us),
                 ));
                 self.up += r.up;
                 self.down += r.down;
@@ -383,15 +398,22 @@ mod tests {
     #[test]
     fn parts_add_up_and_never_exceed_the_total() {
         let dev = |gpu_us, kernel_us| Device { gpu_us, kernel_us };
-        let p = Parts::new(100, 0, 10, 20, dev(30, Some(12)), 5);
-        assert_eq!((p.submit, p.gpu, p.network), (18.0, 12.0, 35.0));
-        let sum = p.wait + p.client + p.queue + p.submit + p.gpu + p.readback + p.network;
+        let p = Parts::new(100, 0, 10, 20, dev(30, Some(12)), 5, 7);
+        assert_eq!(
+            (p.submit, p.gpu, p.server, p.network),
+            (18.0, 12.0, 7.0, 28.0)
+        );
+        let sum =
+            p.wait + p.client + p.queue + p.submit + p.gpu + p.readback + p.server + p.network;
         assert!((sum - p.total).abs() < 1e-9);
-        let p = Parts::new(100, 0, 10, 20, dev(30, None), 5);
+        let p = Parts::new(100, 0, 10, 20, dev(30, None), 5, 0);
         assert_eq!((p.submit, p.gpu), (0.0, 30.0));
         // Server parts larger than the client's total (another clock).
-        let p = Parts::new(100, 10, 50, 50, dev(50, None), 50);
-        assert!(p.wait + p.client + p.queue + p.submit + p.gpu + p.readback <= p.total + 1e-9);
+        let p = Parts::new(100, 10, 50, 50, dev(50, None), 50, 20);
+        assert!(
+            p.wait + p.client + p.queue + p.submit + p.gpu + p.readback + p.server
+                <= p.total + 1e-9
+        );
         assert_eq!(p.network, 0.0);
     }
 
@@ -402,7 +424,7 @@ mod tests {
             kernel_us: None,
         };
         let parts: Vec<Parts> = (1..=1000)
-            .map(|t| Parts::new(t, 0, 1, 2, device, 4))
+            .map(|t| Parts::new(t, 0, 1, 2, device, 4, 0))
             .collect();
         let rows = breakdown(&parts);
         assert_eq!(rows.len(), 4, "99.99 needs 10,000 calls");
@@ -420,7 +442,7 @@ mod tests {
             kernel_us: None,
         };
         let parts: Vec<Parts> = (1..=100_000)
-            .map(|t| Parts::new(t, 0, 1, 2, device, 4))
+            .map(|t| Parts::new(t, 0, 1, 2, device, 4, 0))
             .collect();
         let rows = breakdown(&parts);
         for (row, want) in rows

@@ -122,7 +122,7 @@ fn json_hgrm_and_plot_of_a_short_run_are_consistent() {
         assert!(f(l, "mean") >= seq[0] as f64 && f(l, "mean") <= seq[6] as f64);
         for row in run["breakdown_us"].as_array().expect("breakdown") {
             let parts = [
-                "wait", "client", "queue", "submit", "gpu", "readback", "network",
+                "wait", "client", "queue", "submit", "gpu", "readback", "server", "network",
             ]
             .map(|k| f(row, k));
             assert!(parts.iter().all(|p| *p >= 0.0), "{row}");
