@@ -274,19 +274,26 @@ pub(crate) fn outputs_of(
     archived: &ArchivedResponseHeader,
     payload_len: u64,
 ) -> Result<Vec<(BufferDesc, Range<usize>)>, ProtocolError> {
-    let descs: Vec<BufferDesc> = archived
+    let layout = PayloadLayout::new(
+        archived
+            .buffers
+            .iter()
+            .map(|b| (b.name.as_str(), b.elem.to_native(), b.len.to_native())),
+    )?;
+    layout.check_len(payload_len)?;
+    Ok(archived
         .buffers
         .iter()
-        .map(|b| BufferDesc {
-            name: b.name.as_str().to_owned(),
-            elem: b.elem.to_native(),
-            len: b.len.to_native(),
-        })
-        .collect();
-    let layout = PayloadLayout::new(descs.iter().map(|d| (d.name.as_str(), d.elem, d.len)))?;
-    layout.check_len(payload_len)?;
-    Ok(descs
-        .into_iter()
         .zip(layout.slots().iter().cloned())
+        .map(|(b, slot)| {
+            (
+                BufferDesc {
+                    name: b.name.as_str().to_owned(),
+                    elem: b.elem.to_native(),
+                    len: b.len.to_native(),
+                },
+                slot,
+            )
+        })
         .collect())
 }

@@ -330,7 +330,7 @@ async fn call(
     // A client that stops reading would otherwise hold this call's memory
     // (and its share of the in-flight budget) for as long as it likes.
     let write = write_frame_chunks(&mut send, FrameKind::Response, &bytes, &body);
-    match tokio::time::timeout(shared.request_timeout, write).await {
+    match by(tokio::time::Instant::now() + shared.request_timeout, write).await {
         Ok(Ok(())) => {
             let _ = send.finish();
             tracing::debug!(
@@ -437,12 +437,27 @@ async fn read_payload(
     len: u64,
     deadline: tokio::time::Instant,
 ) -> Result<ChunkedPayload, Failure> {
-    let payload = tokio::time::timeout_at(deadline, reader.chunked(len, "payload"))
+    let payload = by(deadline, reader.chunked(len, "payload"))
         .await
         .map_err(|_| Failure::Reset(StreamCode::RequestTimeout))?
         .map_err(read_failure)?;
     reader.end_if_arrived().map_err(read_failure)?;
     Ok(payload)
+}
+
+/// `fut` by `deadline`, arming a timer only if it is not ready at once: a
+/// request that arrived whole and a reply that fits the send window (the
+/// usual case) cost no timer, which is a runtime lookup and an entry each.
+async fn by<F: Future>(
+    deadline: tokio::time::Instant,
+    fut: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    use futures_util::FutureExt;
+    let mut fut = std::pin::pin!(fut);
+    if let Some(out) = fut.as_mut().now_or_never() {
+        return Ok(out);
+    }
+    tokio::time::timeout_at(deadline, fut).await
 }
 
 fn micros(d: Duration) -> u64 {
@@ -489,7 +504,7 @@ async fn run(
     let identity = &conn.identity;
     let read_deadline = tokio::time::Instant::from_std(opened + shared.request_timeout);
     let mut reader = FrameReader::new(recv);
-    let (prefix, header_bytes) = tokio::time::timeout_at(
+    let (prefix, header_bytes) = by(
         read_deadline,
         reader.head(FrameKind::Request, &shared.limits),
     )

@@ -337,10 +337,23 @@ pub async fn write_frame_chunks(
     let mut head = Vec::with_capacity(PREFIX_LEN + header.len());
     head.extend_from_slice(&prefix.encode());
     head.extend_from_slice(header);
-    let mut parts = Vec::with_capacity(1 + payload.len());
-    parts.push(Bytes::from(head));
-    parts.extend(payload.iter().filter(|b| !b.is_empty()).cloned());
-    send.write_all_chunks(&mut parts).await
+    let head = Bytes::from(head);
+    // Most frames have a payload of one or two pieces: those are handed
+    // over from the stack, without a list allocated per call.
+    match payload {
+        [] => send.write_all_chunks(&mut [head]).await,
+        [a] => send.write_all_chunks(&mut [head, a.clone()]).await,
+        [a, b] => {
+            send.write_all_chunks(&mut [head, a.clone(), b.clone()])
+                .await
+        }
+        _ => {
+            let mut parts = Vec::with_capacity(1 + payload.len());
+            parts.push(head);
+            parts.extend(payload.iter().cloned());
+            send.write_all_chunks(&mut parts).await
+        }
+    }
 }
 
 #[cfg(test)]

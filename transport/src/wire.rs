@@ -320,7 +320,8 @@ impl PayloadLayout {
     pub fn new<'a>(
         buffers: impl IntoIterator<Item = (&'a str, ElemType, u64)>,
     ) -> Result<Self, WireError> {
-        let mut slots = Vec::new();
+        let buffers = buffers.into_iter();
+        let mut slots = Vec::with_capacity(buffers.size_hint().0);
         let mut end = 0usize;
         for (name, elem, len) in buffers {
             let too_large = || WireError::BufferTooLarge {
