@@ -511,6 +511,12 @@ impl Client {
         ))
     }
 
+    /// How many times this client has dialled the server again after
+    /// losing its connection (successful or not).
+    pub fn reconnect_attempts(&self) -> u64 {
+        self.inner.dials.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// The current connection's QUIC statistics: round-trip time, packets
     /// and bytes each way, losses, congestion window. A reconnection starts
     /// them again.

@@ -32,12 +32,18 @@ impl Target {
     /// The QUIC statistics of the target's connections, summed (none for
     /// the in-process target).
     pub fn transport(&self) -> Option<TransportCounts> {
-        let stats: Vec<quinn::ConnectionStats> = match self {
-            Self::Remote(clients) => clients.iter().map(Client::connection_stats).collect(),
-            Self::Raw(clients) => clients.iter().map(RawClient::stats).collect(),
+        let (stats, reconnects): (Vec<quinn::ConnectionStats>, u64) = match self {
+            Self::Remote(clients) => (
+                clients.iter().map(Client::connection_stats).collect(),
+                clients.iter().map(Client::reconnect_attempts).sum(),
+            ),
+            Self::Raw(clients) => (clients.iter().map(RawClient::stats).collect(), 0),
             Self::Local(_) => return None,
         };
-        let mut sum = TransportCounts::default();
+        let mut sum = TransportCounts {
+            reconnects,
+            ..TransportCounts::default()
+        };
         for s in &stats {
             sum.datagrams_up += s.udp_tx.datagrams;
             sum.datagrams_down += s.udp_rx.datagrams;
@@ -68,6 +74,9 @@ pub struct TransportCounts {
     pub lost_packets: u64,
     /// The current round-trip estimate (the largest over the connections).
     pub rtt: Duration,
+    /// Reconnections so far: counters start again on a new connection, so
+    /// two snapshots are comparable only if this did not change.
+    pub reconnects: u64,
 }
 
 /// The call a run repeats, in the forms each target needs.

@@ -89,9 +89,14 @@ pub async fn execute(
                 load: load_json,
                 interrupted: out.interrupted,
                 summary: out.recorder.summary(out.elapsed),
-                transport: before.zip(target.transport()).and_then(|(b, a)| {
-                    report::TransportJson::between(b, a, live.finished.load(Ordering::Relaxed))
-                }),
+                // Calls cut short by Ctrl-C are not counted, their packets
+                // are: no per-call figure then.
+                transport: before
+                    .zip(target.transport())
+                    .filter(|_| !out.interrupted)
+                    .and_then(|(b, a)| {
+                        report::TransportJson::between(b, a, live.finished.load(Ordering::Relaxed))
+                    }),
                 recorder: out.recorder,
             };
             match &remote_run {

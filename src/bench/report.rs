@@ -92,9 +92,10 @@ pub struct TransportJson {
 }
 
 impl TransportJson {
-    /// The traffic between two snapshots, over `calls` calls.
+    /// The traffic between two snapshots, over `calls` calls; none if a
+    /// connection was replaced in between (its counters started again).
     pub fn between(before: TransportCounts, after: TransportCounts, calls: u64) -> Option<Self> {
-        if calls == 0 {
+        if calls == 0 || before.reconnects != after.reconnects {
             return None;
         }
         let per_call = |a: u64, b: u64| a.saturating_sub(b) as f64 / calls as f64;
