@@ -14,9 +14,10 @@
 //! Every refusal is a status reply with a message. When the request was not
 //! read to its end, the server also sends `STOP_SENDING` with
 //! [`StreamCode::RequestRejected`] so the client stops uploading. A request
-//! that does not arrive within the read timeout is reset with
-//! [`StreamCode::RequestTimeout`] on both halves, and a reply the client does
-//! not read within the same time with [`StreamCode::ResponseTimeout`].
+//! that does not arrive within the read timeout (plus its payload's length
+//! at the minimum transfer rate) is reset with [`StreamCode::RequestTimeout`]
+//! on both halves, and a reply the client does not read within the same
+//! allowance with [`StreamCode::ResponseTimeout`].
 //!
 //! The call's reservations of the in-flight byte budgets (its connection's
 //! and the server's) travel with its bytes: into the GPU job, then into the
@@ -329,8 +330,12 @@ async fn call(
     };
     // A client that stops reading would otherwise hold this call's memory
     // (and its share of the in-flight budget) for as long as it likes.
+    let body_len: usize = body.iter().map(Bytes::len).sum();
+    let write_deadline = tokio::time::Instant::now()
+        + shared.request_timeout
+        + transfer_time(shared, body_len as u64);
     let write = write_frame_chunks(&mut send, FrameKind::Response, &bytes, &body);
-    match by(tokio::time::Instant::now() + shared.request_timeout, write).await {
+    match by(write_deadline, write).await {
         Ok(Ok(())) => {
             let _ = send.finish();
             tracing::debug!(
@@ -445,6 +450,15 @@ async fn read_payload(
     Ok(payload)
 }
 
+/// The time a transfer of `bytes` is given on top of the request timeout:
+/// its length at the server's minimum transfer rate.
+fn transfer_time(shared: &Shared, bytes: u64) -> Duration {
+    if shared.min_transfer_rate == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_secs_f64(bytes as f64 / shared.min_transfer_rate as f64)
+}
+
 /// `fut` by `deadline`, arming a timer only if it is not ready at once: a
 /// request that arrived whole and a reply that fits the send window (the
 /// usual case) cost no timer, which is a runtime lookup and an entry each.
@@ -515,6 +529,8 @@ async fn run(
     *header_read = Some(started);
     let header = access_request(&header_bytes)
         .map_err(|e| Failure::status(StatusCode::InvalidArgument, e.to_string(), true))?;
+    // A large payload is given time for its length at the minimum rate.
+    let payload_deadline = read_deadline + transfer_time(shared, prefix.payload_len);
     let requested = header.kernel.as_str();
     // Kept only for the access log, when something records it: no
     // allocation per call otherwise.
@@ -528,7 +544,7 @@ async fn run(
             conn,
             header,
             prefix.payload_len,
-            read_deadline,
+            payload_deadline,
         )
         .await;
     }
@@ -579,7 +595,7 @@ async fn run(
     let bytes = prefix.payload_len + plan.response_layout.total() as u64;
     let permit = reserve(shared, conn, bytes)?;
 
-    let payload = read_payload(&mut reader, prefix.payload_len, read_deadline).await?;
+    let payload = read_payload(&mut reader, prefix.payload_len, payload_deadline).await?;
 
     let timeout = header.timeout_us.as_ref().map(|us| us.to_native());
     // A budget too large to represent is no deadline at all.

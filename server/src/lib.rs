@@ -92,8 +92,15 @@ pub struct ServerConfig {
     /// the whole budget. The default holds the largest call (a full
     /// request and a full response).
     pub max_inflight_bytes_per_connection: u64,
-    /// A request must arrive in full within this time of its stream opening.
+    /// A request must arrive in full within this time of its stream
+    /// opening, plus its payload's length at `min_transfer_rate`; a reply
+    /// must be read within this time plus its length at that rate.
     pub request_timeout: Duration,
+    /// The slowest transfer a large payload is given time for, in bytes per
+    /// second (0: the request timeout alone bounds every transfer). A
+    /// stalled upload holds its share of the in-flight budget until its
+    /// deadline, so this also bounds how long a stalled client can pin it.
+    pub min_transfer_rate: u64,
     /// On shutdown, how long in-flight calls may take to finish.
     pub shutdown_grace: Duration,
     /// Which identities may call which kernels.
@@ -115,6 +122,7 @@ impl ServerConfig {
             max_inflight_bytes: 1024 * 1024 * 1024,
             max_inflight_bytes_per_connection: 512 * 1024 * 1024,
             request_timeout: Duration::from_secs(30),
+            min_transfer_rate: 4 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(10),
             policy: Policy::allow_all(),
             access_log: true,
@@ -161,6 +169,7 @@ pub(crate) struct Shared {
     /// Each connection's own budget, in KiB.
     pub(crate) connection_budget_kib: u32,
     pub(crate) request_timeout: Duration,
+    pub(crate) min_transfer_rate: u64,
     policy: RwLock<Arc<Policy>>,
     pub(crate) access_log: bool,
 }
@@ -239,6 +248,7 @@ impl Server {
             budget_kib,
             connection_budget_kib: kib_permits(config.max_inflight_bytes_per_connection),
             request_timeout: config.request_timeout,
+            min_transfer_rate: config.min_transfer_rate,
             policy: RwLock::new(Arc::new(config.policy.clone())),
             access_log: config.access_log,
         });

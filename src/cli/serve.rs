@@ -102,9 +102,12 @@ pub struct ServeArgs {
     /// Calls (streams) one connection may have open at once [default: 1024].
     #[arg(long)]
     max_streams: Option<u32>,
-    /// A request must arrive (and its reply be read) within this many seconds [default: 30].
+    /// A request must arrive (and its reply be read) within this many seconds, plus the payload's length at --min-transfer-rate-kib [default: 30].
     #[arg(long)]
     request_timeout_s: Option<u64>,
+    /// The slowest transfer a large request or reply is given time for, KiB/s (0: the request timeout alone bounds every transfer) [default: 4096].
+    #[arg(long)]
+    min_transfer_rate_kib: Option<u64>,
     /// A connection silent this many seconds is closed [default: 30].
     #[arg(long)]
     idle_timeout_s: Option<u64>,
@@ -146,6 +149,7 @@ struct FileConfig {
     max_payload_mib: Option<u64>,
     max_streams: Option<u32>,
     request_timeout_s: Option<u64>,
+    min_transfer_rate_kib: Option<u64>,
     idle_timeout_s: Option<u64>,
     grace_s: Option<u64>,
     gpu_timestamps: Option<Timestamps>,
@@ -308,6 +312,11 @@ pub async fn config(a: ServeArgs) -> Result<ServerConfig> {
         Duration::from_secs(a.idle_timeout_s.or(f.idle_timeout_s).unwrap_or(30));
     config.request_timeout =
         Duration::from_secs(a.request_timeout_s.or(f.request_timeout_s).unwrap_or(30));
+    config.min_transfer_rate = a
+        .min_transfer_rate_kib
+        .or(f.min_transfer_rate_kib)
+        .unwrap_or(4096)
+        .saturating_mul(1024);
     config.shutdown_grace = Duration::from_secs(a.grace_s.or(f.grace_s).unwrap_or(10));
     config.access_log = a.access_log.or(f.access_log).unwrap_or(true);
     f.access

@@ -87,3 +87,46 @@ async fn a_dispatch_beyond_the_adapters_limits_is_refused_before_submission() {
     client.execute(spin(1)).await.expect("still serving");
     server.stop().await;
 }
+
+/// A large request is given time for its length at the minimum transfer
+/// rate on top of the request timeout: an upload slower than the timeout
+/// alone allows, but faster than that rate, completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_request_is_given_time_for_its_length() {
+    use quasar_transport::io::FrameReader;
+    use quasar_transport::wire::access_response;
+    use quasar_transport::{FrameKind, Limits};
+
+    let server = server_with(|c| {
+        c.request_timeout = Duration::from_millis(300);
+        // 2 MiB/s: a 2 MiB payload gets one second more.
+        c.min_transfer_rate = 2 * 1024 * 1024;
+    })
+    .await;
+    let (_endpoint, conn) = raw_connection(&server).await;
+    // 2 MiB of payload (x and y of 256 Ki floats) sent over about 675 ms:
+    // past the 300 ms timeout alone, well within its 1.3 s with the
+    // allowance.
+    let whole = frame(&saxpy_header(1 << 18, 1 << 18));
+    let (mut send, mut recv) = conn.open_bi().await.expect("open");
+    let started = std::time::Instant::now();
+    for piece in whole.chunks(whole.len() / 8 + 1) {
+        send.write_all(piece).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(75)).await;
+    }
+    send.finish().expect("finish");
+    assert!(started.elapsed() > Duration::from_millis(400));
+    let mut reader = FrameReader::new(&mut recv);
+    let (_prefix, header) = reader
+        .head(FrameKind::Response, &Limits::default())
+        .await
+        .expect("a reply, not a reset");
+    let reply = access_response(&header).expect("a valid reply");
+    assert_eq!(
+        StatusCode::from_u16(reply.status.to_native()),
+        Some(StatusCode::Ok),
+        "{}",
+        reply.message.as_str()
+    );
+    server.stop().await;
+}
