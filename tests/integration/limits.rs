@@ -8,7 +8,7 @@ use std::time::Duration;
 use quasar_client::StatusCode;
 
 use crate::malformed::{frame, saxpy_header};
-use crate::support::{client, raw_connection, server_with, spin, spin_server};
+use crate::support::{client, raw_connection, read_reply, server_with, spin, spin_server};
 
 #[tokio::test]
 async fn calls_past_the_stream_limit_wait_for_a_free_stream() {
@@ -93,10 +93,6 @@ async fn a_dispatch_beyond_the_adapters_limits_is_refused_before_submission() {
 /// alone allows, but faster than that rate, completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_request_is_given_time_for_its_length() {
-    use quasar_transport::io::FrameReader;
-    use quasar_transport::wire::access_response;
-    use quasar_transport::{FrameKind, Limits};
-
     let server = server_with(|c| {
         c.request_timeout = Duration::from_millis(300);
         // 2 MiB/s: a 2 MiB payload gets one second more.
@@ -116,17 +112,7 @@ async fn a_large_request_is_given_time_for_its_length() {
     }
     send.finish().expect("finish");
     assert!(started.elapsed() > Duration::from_millis(400));
-    let mut reader = FrameReader::new(&mut recv);
-    let (_prefix, header) = reader
-        .head(FrameKind::Response, &Limits::default())
-        .await
-        .expect("a reply, not a reset");
-    let reply = access_response(&header).expect("a valid reply");
-    assert_eq!(
-        StatusCode::from_u16(reply.status.to_native()),
-        Some(StatusCode::Ok),
-        "{}",
-        reply.message.as_str()
-    );
+    let (code, message) = read_reply(&mut recv).await;
+    assert_eq!(code, StatusCode::Ok, "{message}");
     server.stop().await;
 }

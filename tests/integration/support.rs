@@ -66,7 +66,12 @@ pub async fn raw_call(conn: &quinn::Connection, bytes: &[u8]) -> (StatusCode, St
     // The server may stop reading early (STOP_SENDING); its reply still comes.
     let _ = send.write_all(bytes).await;
     let _ = send.finish();
-    let mut reader = FrameReader::new(&mut recv);
+    read_reply(&mut recv).await
+}
+
+/// Reads a whole reply frame; returns its status and message.
+pub async fn read_reply(recv: &mut quinn::RecvStream) -> (StatusCode, String) {
+    let mut reader = FrameReader::new(recv);
     let (prefix, header) = reader
         .head(FrameKind::Response, &Limits::default())
         .await
