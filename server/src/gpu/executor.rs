@@ -296,9 +296,11 @@ pub struct ExecutorStats {
 /// Work for the executor thread other than calls.
 #[derive(Debug)]
 enum Control {
-    /// Load the kernels again (shipped ones and those in the directory).
+    /// Compile and publish these kernels (shipped ones and those in the
+    /// directory, read and parsed off this thread).
     Reload {
         kernel_dir: Option<PathBuf>,
+        sources: Vec<KernelSource>,
         reply: oneshot::Sender<Result<Vec<String>, GpuError>>,
     },
     /// Destroy the device, as a driver reset would: fault injection for
@@ -467,9 +469,20 @@ impl ExecutorControl {
     /// [`GpuError`] for a kernel that does not parse or compile, an
     /// unreadable directory, or a stopped executor.
     pub async fn reload(&self, kernel_dir: Option<PathBuf>) -> Result<Vec<String>, GpuError> {
+        // Reading and checking the files happens here, on a blocking
+        // thread: the GPU thread keeps running calls meanwhile and only
+        // compiles (which needs the device).
+        let dir = kernel_dir.clone();
+        let sources = tokio::task::spawn_blocking(move || load_sources(dir.as_deref()))
+            .await
+            .map_err(|e| GpuError::Thread(format!("reading the kernels: {e}")))??;
         let (reply, rx) = oneshot::channel();
         self.queue
-            .push_control(Control::Reload { kernel_dir, reply })
+            .push_control(Control::Reload {
+                kernel_dir,
+                sources,
+                reply,
+            })
             .map_err(|_| GpuError::Thread("the GPU executor has stopped".into()))?;
         rx.await
             .map_err(|_| GpuError::Thread("the GPU executor has stopped".into()))?
@@ -744,22 +757,12 @@ impl Worker {
 
     fn control(&mut self, control: Control) {
         match control {
-            Control::Reload { kernel_dir, reply } => {
-                let result = load_sources(kernel_dir.as_deref()).and_then(|sources| {
-                    if sources == self.sources {
-                        // Nothing changed (a certificate rotation, say):
-                        // no recompiling, which would hold up every call.
-                        self.config.kernel_dir = kernel_dir.clone();
-                        return Ok(self.sources.iter().map(|k| k.name.clone()).collect());
-                    }
-                    let version = self.kernels.current().version + 1;
-                    let (registry, compiled) = self.gpu.registry(&sources, version)?;
-                    let names = registry.kernels.iter().map(|k| k.name.clone()).collect();
-                    self.publish(registry, compiled);
-                    self.sources = sources;
-                    self.config.kernel_dir = kernel_dir;
-                    Ok(names)
-                });
+            Control::Reload {
+                kernel_dir,
+                sources,
+                reply,
+            } => {
+                let result = self.reload(kernel_dir, sources);
                 if result.is_ok() {
                     self.stats.reloads.fetch_add(1, Ordering::Relaxed);
                 }
@@ -773,6 +776,28 @@ impl Worker {
                 let _ = reply.send(());
             }
         }
+    }
+
+    /// Compiles and publishes `sources` (kernels already read and parsed);
+    /// the names of the kernels now served.
+    fn reload(
+        &mut self,
+        kernel_dir: Option<PathBuf>,
+        sources: Vec<KernelSource>,
+    ) -> Result<Vec<String>, GpuError> {
+        if sources == self.sources {
+            // Nothing changed (a certificate rotation, say): no
+            // recompiling, which would hold up every call.
+            self.config.kernel_dir = kernel_dir;
+            return Ok(self.sources.iter().map(|k| k.name.clone()).collect());
+        }
+        let version = self.kernels.current().version + 1;
+        let (registry, compiled) = self.gpu.registry(&sources, version)?;
+        let names = registry.kernels.iter().map(|k| k.name.clone()).collect();
+        self.publish(registry, compiled);
+        self.sources = sources;
+        self.config.kernel_dir = kernel_dir;
+        Ok(names)
     }
 
     /// Replaces a lost device and its pipelines. While no device can be
