@@ -29,6 +29,55 @@ use rcgen::{
 use thiserror::Error;
 use time::{Duration, OffsetDateTime};
 
+/// The list of revoked serial numbers earlier versions kept beside
+/// `crl.pem`; removed when found.
+const LEGACY_REVOKED_LIST: &str = "revoked.txt";
+
+/// The serial numbers `crl_pem` revokes and its CRL number, after checking
+/// that the CA in `ca_pem` signed it.
+fn revoked_by(crl_pem: &str, ca_pem: &str, path: &Path) -> Result<(Vec<Vec<u8>>, u64), CertError> {
+    let bad = |detail: String| CertError::BadCertificate {
+        path: path.to_owned(),
+        detail,
+    };
+    let (_, crl_der) =
+        x509_parser::pem::parse_x509_pem(crl_pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+    let (_, crl) =
+        x509_parser::parse_x509_crl(&crl_der.contents).map_err(|e| bad(e.to_string()))?;
+    let (_, ca_der) =
+        x509_parser::pem::parse_x509_pem(ca_pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+    let ca = ca_der.parse_x509().map_err(|e| bad(e.to_string()))?;
+    crl.verify_signature(ca.public_key())
+        .map_err(|e| bad(format!("not signed by this directory's CA: {e}")))?;
+    let serials = crl
+        .iter_revoked_certificates()
+        .map(|r| r.raw_serial().to_vec())
+        .collect();
+    let number = crl
+        .crl_number()
+        .and_then(|n| {
+            let digits = n.to_u64_digits();
+            match digits.as_slice() {
+                [] => Some(0),
+                [d] => Some(*d),
+                _ => None,
+            }
+        })
+        .unwrap_or(0);
+    Ok((serials, number))
+}
+
+fn remove_if_present(path: &Path) -> Result<(), CertError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(CertError::Io {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
 /// Why a certificate could not be made, loaded or written.
 #[derive(Debug, Error)]
 #[non_exhaustive]
@@ -409,17 +458,8 @@ impl PkiDir {
         refuse_existing(&targets, force)?;
         // A new CA invalidates the old CRL: a server given it would refuse
         // every client of the new CA.
-        for stale in [self.crl(), self.revoked()] {
-            match fs::remove_file(&stale) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    return Err(CertError::Io {
-                        path: stale,
-                        source,
-                    });
-                }
-            }
+        for stale in [self.crl(), self.dir.join(LEGACY_REVOKED_LIST)] {
+            remove_if_present(&stale)?;
         }
 
         let ca = CertificateAuthority::generate("Quasar CA")?;
@@ -453,19 +493,19 @@ impl PkiDir {
         self.dir.join("crl.pem")
     }
 
-    /// Path of the list of revoked serial numbers (hex, one a line) that
-    /// `crl.pem` is made from.
-    pub fn revoked(&self) -> PathBuf {
-        self.dir.join("revoked.txt")
-    }
-
-    /// Revokes client `name`'s certificate: adds its serial number to
-    /// `revoked.txt` and writes a new `crl.pem` (valid 30 days) listing every
-    /// revoked certificate. Servers started with `--crl` refuse it on the
-    /// next handshake.
+    /// Revokes client `name`'s certificate: writes a new `crl.pem` (valid 30
+    /// days) listing it and every certificate the current `crl.pem`
+    /// revokes. Servers started with `--crl` refuse it on the next
+    /// handshake.
+    ///
+    /// The current CRL is the record of what is revoked; it must carry this
+    /// directory's CA's signature, so an edited file cannot drop a
+    /// revocation into the next CRL.
     ///
     /// # Errors
-    /// I/O errors, [`CertError::BadCertificate`], or signing errors.
+    /// I/O errors, [`CertError::BadCertificate`] (also for a `crl.pem`
+    /// that does not parse or that this CA did not sign), or signing
+    /// errors.
     pub fn revoke(&self, name: &str) -> Result<PathBuf, CertError> {
         check_name(name)?;
         let path = self.client_cert(name);
@@ -477,47 +517,29 @@ impl PkiDir {
         let (_, der) =
             x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
         let cert = der.parse_x509().map_err(|e| bad(e.to_string()))?;
-        let serial = cert.raw_serial_as_string().replace(':', "");
-        let list = match fs::read_to_string(self.revoked()) {
-            Ok(s) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        let serial = cert.raw_serial().to_vec();
+        let ca = self.load_ca()?;
+        let (mut serials, previous) = match fs::read_to_string(self.crl()) {
+            Ok(crl) => revoked_by(&crl, ca.cert_pem(), &self.crl())?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Vec::new(), 0),
             Err(source) => {
                 return Err(CertError::Io {
-                    path: self.revoked(),
+                    path: self.crl(),
                     source,
                 });
             }
         };
-        let mut serials: Vec<String> = list
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(String::from)
-            .collect();
         if !serials.contains(&serial) {
             serials.push(serial);
         }
-        let mut bytes: Vec<Vec<u8>> = Vec::with_capacity(serials.len());
-        for h in &serials {
-            let parsed: Option<Vec<u8>> = (h.len() % 2 == 0)
-                .then(|| {
-                    (0..h.len())
-                        .step_by(2)
-                        .map(|i| h.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
-                        .collect()
-                })
-                .flatten();
-            bytes.push(parsed.ok_or_else(|| CertError::BadCertificate {
-                path: self.revoked(),
-                detail: format!("`{h}` is not a hex serial number"),
-            })?);
-        }
-        let ca = self.load_ca()?;
-        // CRL numbers must grow; the time in seconds does, across runs.
-        let number = u64::try_from(OffsetDateTime::now_utc().unix_timestamp()).unwrap_or(1);
-        let crl = ca.crl(&bytes, number, 30)?;
-        write_file(&self.revoked(), &(serials.join("\n") + "\n"), false)?;
+        // CRL numbers must grow: the time in seconds does across runs, and
+        // two revocations within a second take the next number.
+        let now = u64::try_from(OffsetDateTime::now_utc().unix_timestamp()).unwrap_or(1);
+        let number = now.max(previous.saturating_add(1));
+        let crl = ca.crl(&serials, number, 30)?;
         write_file(&self.crl(), &crl, false)?;
+        // Earlier versions kept the serials in a separate list as well.
+        remove_if_present(&self.dir.join(LEGACY_REVOKED_LIST))?;
         Ok(self.crl())
     }
 
@@ -649,14 +671,24 @@ mod tests {
                 .expect("crl")
                 .contains("BEGIN X509 CRL")
         );
+        let first = fs::read_to_string(&crl).expect("crl");
         pki.revoke("alice").expect("revoke another");
-        assert_eq!(
-            fs::read_to_string(pki.revoked())
-                .expect("list")
-                .lines()
-                .count(),
-            2
-        );
+        pki.revoke("alice").expect("revoking twice is harmless");
+        let ca = pki.load_ca().expect("ca");
+        let (_, first_number) = revoked_by(&first, ca.cert_pem(), &crl).expect("first CRL");
+        let (serials, number) =
+            revoked_by(&fs::read_to_string(&crl).expect("crl"), ca.cert_pem(), &crl)
+                .expect("the CRL is this CA's");
+        assert_eq!(serials.len(), 2, "bob and alice, once each");
+        // Three CRLs within a second still get growing numbers.
+        assert!(number >= first_number + 2, "{first_number} -> {number}");
+        // A CRL this CA did not sign is refused, not merged.
+        let other = CertificateAuthority::generate("other CA").expect("ca");
+        fs::write(&crl, other.crl(&[vec![1, 2, 3]], 1, 1).expect("crl")).expect("write");
+        assert!(matches!(
+            pki.revoke("bob"),
+            Err(CertError::BadCertificate { .. })
+        ));
         assert!(
             pki.add_client("carol", &["not a uri".into()], false)
                 .is_err()
