@@ -537,7 +537,14 @@ impl PkiDir {
         let now = u64::try_from(OffsetDateTime::now_utc().unix_timestamp()).unwrap_or(1);
         let number = now.max(previous.saturating_add(1));
         let crl = ca.crl(&serials, number, 30)?;
-        write_file(&self.crl(), &crl, false)?;
+        // The CRL is the only record of what is revoked: replaced whole
+        // (written aside, then renamed over), never left half-written.
+        let fresh = self.dir.join("crl.pem.tmp");
+        write_file(&fresh, &crl, false)?;
+        fs::rename(&fresh, self.crl()).map_err(|source| CertError::Io {
+            path: self.crl(),
+            source,
+        })?;
         // Earlier versions kept the serials in a separate list as well.
         remove_if_present(&self.dir.join(LEGACY_REVOKED_LIST))?;
         Ok(self.crl())

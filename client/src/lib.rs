@@ -573,11 +573,10 @@ impl Request {
         let mut payload = Vec::with_capacity(2 * buffers.len());
         let mut at = 0;
         for (slot, data) in layout.slots().iter().zip(buffers) {
-            let mut pad = slot.start.saturating_sub(at);
-            while pad > 0 {
-                let n = pad.min(PAYLOAD_ALIGN);
-                payload.push(Bytes::from_static(&PADDING[..n]));
-                pad -= n;
+            // Slots start at multiples of PAYLOAD_ALIGN: a gap is shorter.
+            let pad = slot.start.saturating_sub(at).min(PAYLOAD_ALIGN);
+            if pad > 0 {
+                payload.push(Bytes::from_static(&PADDING[..pad]));
             }
             if !data.is_empty() {
                 payload.push(data);

@@ -350,11 +350,14 @@ pub async fn run(
                     if !wait_until(intended, &cancel) {
                         break;
                     }
-                    let permit = handle.block_on(async {
-                        tokio::select! {
-                            p = slots.clone().acquire_owned() => p.ok(),
-                            () = cancel.cancelled() => None,
-                        }
+                    // Waiting on the runtime only when every slot is taken.
+                    let permit = slots.clone().try_acquire_owned().ok().or_else(|| {
+                        handle.block_on(async {
+                            tokio::select! {
+                                p = slots.clone().acquire_owned() => p.ok(),
+                                () = cancel.cancelled() => None,
+                            }
+                        })
                     });
                     let Some(permit) = permit else { break };
                     let (target, work, live) = (target.clone(), work.clone(), live.clone());

@@ -417,16 +417,20 @@ mod tests {
         assert_eq!(p.network, 0.0);
     }
 
-    #[test]
-    fn breakdown_rows_follow_the_totals() {
+    /// Calls of total 1, 2, ... `n` us with the same small parts.
+    fn calls_up_to(n: u64) -> Vec<Parts> {
         let device = Device {
             gpu_us: 3,
             kernel_us: None,
         };
-        let parts: Vec<Parts> = (1..=1000)
+        (1..=n)
             .map(|t| Parts::new(t, 0, 1, 2, device, 4, 0))
-            .collect();
-        let rows = breakdown(&parts);
+            .collect()
+    }
+
+    #[test]
+    fn breakdown_rows_follow_the_totals() {
+        let rows = breakdown(&calls_up_to(1000));
         assert_eq!(rows.len(), 4, "99.99 needs 10,000 calls");
         assert!((rows[0].parts.total - 500.0).abs() <= 5.0);
         assert!(
@@ -437,14 +441,7 @@ mod tests {
 
     #[test]
     fn tail_rows_average_calls_near_their_percentile() {
-        let device = Device {
-            gpu_us: 3,
-            kernel_us: None,
-        };
-        let parts: Vec<Parts> = (1..=100_000)
-            .map(|t| Parts::new(t, 0, 1, 2, device, 4, 0))
-            .collect();
-        let rows = breakdown(&parts);
+        let rows = breakdown(&calls_up_to(100_000));
         for (row, want) in rows
             .iter()
             .zip([50_000.0, 90_000.0, 99_000.0, 99_900.0, 99_990.0])

@@ -282,10 +282,12 @@ pub async fn config(a: ServeArgs) -> Result<ServerConfig> {
         .into();
     let mib = |v: u64| v.saturating_mul(1024 * 1024);
     config.max_inflight_bytes = mib(a.max_inflight_mib.or(f.max_inflight_mib).unwrap_or(1024));
-    config.max_inflight_bytes_per_connection = mib(a
+    if let Some(v) = a
         .max_inflight_per_connection_mib
         .or(f.max_inflight_per_connection_mib)
-        .unwrap_or(512));
+    {
+        config.max_inflight_bytes_per_connection = mib(v);
+    }
     let adm = &mut config.admission;
     adm.max_connections = a
         .max_connections
@@ -312,11 +314,9 @@ pub async fn config(a: ServeArgs) -> Result<ServerConfig> {
         Duration::from_secs(a.idle_timeout_s.or(f.idle_timeout_s).unwrap_or(30));
     config.request_timeout =
         Duration::from_secs(a.request_timeout_s.or(f.request_timeout_s).unwrap_or(30));
-    config.min_transfer_rate = a
-        .min_transfer_rate_kib
-        .or(f.min_transfer_rate_kib)
-        .unwrap_or(4096)
-        .saturating_mul(1024);
+    if let Some(kib) = a.min_transfer_rate_kib.or(f.min_transfer_rate_kib) {
+        config.min_transfer_rate = kib.saturating_mul(1024);
+    }
     config.shutdown_grace = Duration::from_secs(a.grace_s.or(f.grace_s).unwrap_or(10));
     config.access_log = a.access_log.or(f.access_log).unwrap_or(true);
     f.access

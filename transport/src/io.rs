@@ -172,19 +172,29 @@ impl<'a> FrameReader<'a> {
         }
     }
 
-    /// Reads what the stream has next into `buffered`; false at its end.
-    async fn fill(&mut self, part: &'static str) -> Result<bool, ReadFrameError> {
-        loop {
+    /// Makes sure received bytes are buffered, reading the stream if none
+    /// are. `read` of the `expected` bytes of `part` are in so far: the
+    /// error says so if the stream ends first.
+    async fn buffer(
+        &mut self,
+        part: &'static str,
+        read: usize,
+        expected: usize,
+    ) -> Result<(), ReadFrameError> {
+        while self.buffered.is_empty() {
             match self.recv.read_chunk(usize::MAX, true).await {
-                Ok(Some(chunk)) if chunk.bytes.is_empty() => {}
-                Ok(Some(chunk)) => {
-                    self.buffered = chunk.bytes;
-                    return Ok(true);
+                Ok(Some(chunk)) => self.buffered = chunk.bytes,
+                Ok(None) => {
+                    return Err(ReadFrameError::Truncated {
+                        part,
+                        read,
+                        expected,
+                    });
                 }
-                Ok(None) => return Ok(false),
                 Err(e) => return Err(read_error(part, e)),
             }
         }
+        Ok(())
     }
 
     async fn read_into(
@@ -194,13 +204,7 @@ impl<'a> FrameReader<'a> {
     ) -> Result<(), ReadFrameError> {
         let mut at = 0;
         while at < dst.len() {
-            if self.buffered.is_empty() && !self.fill(part).await? {
-                return Err(ReadFrameError::Truncated {
-                    part,
-                    read: at,
-                    expected: dst.len(),
-                });
-            }
+            self.buffer(part, at, dst.len()).await?;
             let n = (dst.len() - at).min(self.buffered.len());
             dst[at..at + n].copy_from_slice(&self.buffered[..n]);
             self.buffered.advance(n);
@@ -263,13 +267,7 @@ impl<'a> FrameReader<'a> {
         let mut chunks = Vec::new();
         let mut read = 0usize;
         while read < len {
-            if self.buffered.is_empty() && !self.fill(part).await? {
-                return Err(ReadFrameError::Truncated {
-                    part,
-                    read,
-                    expected: len,
-                });
-            }
+            self.buffer(part, read, len).await?;
             let n = (len - read).min(self.buffered.len());
             chunks.push(self.buffered.split_to(n));
             read += n;

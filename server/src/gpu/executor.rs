@@ -778,8 +778,9 @@ impl Worker {
         }
     }
 
-    /// Compiles and publishes `sources` (kernels already read and parsed);
-    /// the names of the kernels now served.
+    /// Compiles and publishes `sources` (read and checked off this thread;
+    /// each is parsed again here for its module); the names of the kernels
+    /// now served.
     fn reload(
         &mut self,
         kernel_dir: Option<PathBuf>,
