@@ -79,6 +79,32 @@ pub struct TransportCounts {
     pub reconnects: u64,
 }
 
+impl TransportCounts {
+    /// What was counted between `before` and this snapshot (the round-trip
+    /// estimate is this snapshot's).
+    pub fn since(self, before: Self) -> Self {
+        Self {
+            datagrams_up: self.datagrams_up.saturating_sub(before.datagrams_up),
+            datagrams_down: self.datagrams_down.saturating_sub(before.datagrams_down),
+            lost_packets: self.lost_packets.saturating_sub(before.lost_packets),
+            rtt: self.rtt,
+            reconnects: self.reconnects.saturating_sub(before.reconnects),
+        }
+    }
+
+    /// Two periods' counts together (the round-trip estimate is the later
+    /// one's).
+    pub fn plus(self, later: Self) -> Self {
+        Self {
+            datagrams_up: self.datagrams_up + later.datagrams_up,
+            datagrams_down: self.datagrams_down + later.datagrams_down,
+            lost_packets: self.lost_packets + later.lost_packets,
+            rtt: later.rtt,
+            reconnects: self.reconnects + later.reconnects,
+        }
+    }
+}
+
 /// The call a run repeats, in the forms each target needs.
 #[derive(Debug, Clone)]
 pub struct Workload {
@@ -218,6 +244,33 @@ pub struct Phases {
     pub warmup: Duration,
     /// The measured phase's end.
     pub stop: Stop,
+}
+
+/// The warm-up of a target's later rounds, when its first round had the
+/// full one: enough for its connection to come back from idle.
+const REWARM: Duration = Duration::from_millis(200);
+
+impl Phases {
+    /// Round `round` (from 0) of `rounds`: a share of the measured phase
+    /// (calls split as evenly as they go), after the full warm-up in the
+    /// first round and a short one in later rounds.
+    pub fn round(self, round: u32, rounds: u32) -> Self {
+        let rounds = rounds.max(1);
+        Self {
+            warmup: if round == 0 {
+                self.warmup
+            } else {
+                self.warmup.min(REWARM)
+            },
+            stop: match self.stop {
+                Stop::After(d) => Stop::After(d / rounds),
+                Stop::Requests(n) => {
+                    let (each, extra) = (n / u64::from(rounds), n % u64::from(rounds));
+                    Stop::Requests(each + u64::from(u64::from(round) < extra))
+                }
+            },
+        }
+    }
 }
 
 /// Live state of a run, for the progress display.
@@ -437,4 +490,53 @@ fn wait_until(deadline: Instant, cancel: &CancellationToken) -> bool {
 /// A fresh live state for a run.
 pub fn live() -> Arc<Live> {
     Arc::new(Live::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_share_the_measured_phase_and_rewarm_briefly() {
+        let phases = Phases {
+            warmup: Duration::from_secs(1),
+            stop: Stop::Requests(150),
+        };
+        let shares: Vec<Phases> = (0..4).map(|r| phases.round(r, 4)).collect();
+        let calls: Vec<u64> = shares
+            .iter()
+            .map(|p| match p.stop {
+                Stop::Requests(n) => n,
+                Stop::After(_) => 0,
+            })
+            .collect();
+        assert_eq!(calls, [38, 38, 37, 37]);
+        assert_eq!(shares[0].warmup, Duration::from_secs(1));
+        assert!(shares[1..].iter().all(|p| p.warmup == REWARM));
+
+        let timed = Phases {
+            warmup: Duration::from_millis(50),
+            stop: Stop::After(Duration::from_secs(5)),
+        };
+        let later = timed.round(3, 5);
+        assert_eq!(later.stop, Stop::After(Duration::from_secs(1)));
+        // A warm-up shorter than the re-warm is kept as it is.
+        assert_eq!(later.warmup, Duration::from_millis(50));
+        assert_eq!(timed.round(0, 1).stop, timed.stop);
+    }
+
+    #[test]
+    fn transport_counts_add_up_over_rounds() {
+        let at = |up, down, lost, rtt_us| TransportCounts {
+            datagrams_up: up,
+            datagrams_down: down,
+            lost_packets: lost,
+            rtt: Duration::from_micros(rtt_us),
+            reconnects: 0,
+        };
+        let first = at(110, 60, 1, 90).since(at(10, 5, 0, 80));
+        let second = at(400, 300, 4, 70).since(at(300, 250, 3, 100));
+        let sum = first.plus(second);
+        assert_eq!(sum, at(200, 105, 2, 70));
+    }
 }

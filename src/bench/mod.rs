@@ -24,8 +24,9 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
-use load::{Live, Load, Phases, Stop, Target, Workload};
+use load::{Live, Load, Phases, Stop, Target, TransportCounts, Workload};
 use report::{LoadJson, RunReport};
+use stats::Recorder;
 
 /// What to run against which targets.
 #[derive(Clone)]
@@ -44,11 +45,14 @@ pub struct Plan {
     pub raw: Option<Target>,
     /// Show live progress on the terminal.
     pub progress: bool,
+    /// Rounds the targets take turns in, each measured for a share of the
+    /// run (at least 1).
+    pub rounds: u32,
 }
 
 /// Runs every step against every target: remote first, then the baselines
-/// under the same load. Stops early (keeping what was measured) when
-/// `cancel` fires.
+/// under the same load, in `plan.rounds` alternating rounds. Stops early
+/// (keeping what was measured) when `cancel` fires.
 pub async fn execute(
     plan: &Plan,
     work: Arc<Workload>,
@@ -56,48 +60,71 @@ pub async fn execute(
 ) -> (Vec<RunReport>, Vec<report::Comparison>) {
     let mut runs = Vec::new();
     let mut comparisons = Vec::new();
+    let rounds = plan.rounds.max(1);
     for &load in &plan.steps {
-        let mut remote_run: Option<RunReport> = None;
-        let targets = std::iter::once(&plan.remote)
+        let targets: Vec<&Target> = std::iter::once(&plan.remote)
             .chain(plan.local.iter())
-            .chain(plan.raw.iter());
-        for target in targets {
-            if cancel.is_cancelled() {
-                break;
+            .chain(plan.raw.iter())
+            .collect();
+        let mut sums: Vec<Rounds> = targets.iter().map(|_| Rounds::default()).collect();
+        // Targets take turns, so a machine whose speed drifts over the
+        // minutes of a run (a shared VM, a CPU changing clocks) slows each
+        // of them alike rather than whichever ran last.
+        'rounds: for round in 0..rounds {
+            for (target, sum) in targets.iter().zip(&mut sums) {
+                if cancel.is_cancelled() {
+                    break 'rounds;
+                }
+                let load_json = LoadJson::of(load, plan.connections);
+                let mut label = format!("{} {}", target.name(), load_json.label());
+                if rounds > 1 {
+                    label = format!("{label} ({}/{rounds})", round + 1);
+                }
+                let phases = plan.phases.round(round, rounds);
+                let live = load::live();
+                let before = target.transport();
+                let bar = plan.progress.then(|| progress(&label, &live, phases));
+                let out = load::run(
+                    (*target).clone(),
+                    work.clone(),
+                    load,
+                    phases,
+                    live.clone(),
+                    cancel.clone(),
+                )
+                .await;
+                if let Some((bar, ticker)) = bar {
+                    ticker.abort();
+                    bar.finish_and_clear();
+                }
+                sum.add(
+                    out,
+                    before.zip(target.transport()),
+                    live.finished.load(Ordering::Relaxed),
+                );
+            }
+        }
+        let mut remote_run: Option<RunReport> = None;
+        for (target, sum) in targets.iter().zip(sums) {
+            if sum.rounds == 0 {
+                continue;
             }
             let load_json = LoadJson::of(load, plan.connections);
-            let label = format!("{} {}", target.name(), load_json.label());
-            let live = load::live();
-            let before = target.transport();
-            let bar = plan.progress.then(|| progress(&label, &live, plan.phases));
-            let out = load::run(
-                target.clone(),
-                work.clone(),
-                load,
-                plan.phases,
-                live.clone(),
-                cancel.clone(),
-            )
-            .await;
-            if let Some((bar, ticker)) = bar {
-                ticker.abort();
-                bar.finish_and_clear();
-            }
             let run = RunReport {
-                label,
+                label: format!("{} {}", target.name(), load_json.label()),
                 target: target.name(),
                 load: load_json,
-                interrupted: out.interrupted,
-                summary: out.recorder.summary(out.elapsed),
+                rounds: sum.rounds,
+                interrupted: sum.interrupted,
+                summary: sum.recorder.summary(sum.elapsed),
                 // Calls cut short by Ctrl-C are not counted, their packets
                 // are: no per-call figure then.
-                transport: before
-                    .zip(target.transport())
-                    .filter(|_| !out.interrupted)
-                    .and_then(|(b, a)| {
-                        report::TransportJson::between(b, a, live.finished.load(Ordering::Relaxed))
-                    }),
-                recorder: out.recorder,
+                transport: sum.transport.filter(|_| !sum.interrupted).and_then(
+                    |(counts, calls)| {
+                        report::TransportJson::between(TransportCounts::default(), counts, calls)
+                    },
+                ),
+                recorder: sum.recorder,
             };
             match &remote_run {
                 None => remote_run = Some(run.clone()),
@@ -110,6 +137,40 @@ pub async fn execute(
         }
     }
     (runs, comparisons)
+}
+
+/// One target's rounds of one step, added up.
+#[derive(Default)]
+struct Rounds {
+    rounds: u32,
+    recorder: Recorder,
+    elapsed: Duration,
+    interrupted: bool,
+    /// QUIC traffic over the rounds and the calls it carried (warm-ups
+    /// included); none once a round saw a reconnection or for the
+    /// in-process target.
+    transport: Option<(TransportCounts, u64)>,
+}
+
+impl Rounds {
+    fn add(
+        &mut self,
+        out: load::RunOutput,
+        transport: Option<(TransportCounts, TransportCounts)>,
+        calls: u64,
+    ) {
+        let first = self.rounds == 0;
+        self.rounds += 1;
+        self.recorder.merge(&out.recorder);
+        self.elapsed += out.elapsed;
+        self.interrupted |= out.interrupted;
+        self.transport = match (first, self.transport, transport) {
+            (_, _, Some((b, a))) if b.reconnects != a.reconnects => None,
+            (true, _, Some((b, a))) => Some((a.since(b), calls)),
+            (false, Some((sum, n)), Some((b, a))) => Some((sum.plus(a.since(b)), n + calls)),
+            _ => None,
+        };
+    }
 }
 
 /// A progress bar fed from the live recorder every 200 ms: elapsed and

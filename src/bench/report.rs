@@ -65,6 +65,9 @@ pub struct RunReport {
     pub target: &'static str,
     /// The load.
     pub load: LoadJson,
+    /// Rounds the run was measured in, alternating with the other
+    /// targets (`--rounds`); the numbers are over all of them.
+    pub rounds: u32,
     /// True if Ctrl-C cut the run short.
     pub interrupted: bool,
     /// The numbers.
@@ -222,8 +225,13 @@ pub fn print_table(report: &Report, out: &mut impl Write) -> std::io::Result<()>
         writeln!(out)?;
         writeln!(
             out,
-            "{}{}: {} calls ({} ok{}) in {:.2}s: {:.0} calls/s, {:.2} MB/s up, {:.2} MB/s down",
+            "{}{}{}: {} calls ({} ok{}) in {:.2}s: {:.0} calls/s, {:.2} MB/s up, {:.2} MB/s down",
             run.label,
+            if run.rounds > 1 {
+                format!(" in {} rounds", run.rounds)
+            } else {
+                String::new()
+            },
             if run.interrupted {
                 " (interrupted)"
             } else {

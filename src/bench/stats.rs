@@ -218,6 +218,29 @@ impl Recorder {
         }
     }
 
+    /// Adds another recorder's calls (a later round of the same run).
+    pub fn merge(&mut self, other: &Recorder) {
+        for (mine, theirs) in [
+            (&mut self.corrected, &other.corrected),
+            (&mut self.uncorrected, &other.uncorrected),
+        ] {
+            // Both have the same bounds, so `add` cannot refuse; were it
+            // to, the values go in one by one, saturating like `record`.
+            if mine.add(theirs).is_err() {
+                for v in theirs.iter_recorded() {
+                    mine.saturating_record_n(v.value_iterated_to(), v.count_at_value());
+                }
+            }
+        }
+        self.parts.extend_from_slice(&other.parts);
+        self.ok += other.ok;
+        for (code, n) in &other.errors {
+            *self.errors.entry(code).or_default() += n;
+        }
+        self.up += other.up;
+        self.down += other.down;
+    }
+
     /// Successful calls so far.
     pub fn ok(&self) -> u64 {
         self.ok
@@ -394,6 +417,34 @@ pub fn breakdown(parts: &[Parts]) -> Vec<BreakdownRow> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merged_recorders_hold_both_rounds() {
+        let call = |us: u64, outcome| CallRecord {
+            outcome,
+            corrected: Duration::from_micros(us),
+            uncorrected: Duration::from_micros(us),
+            client: Duration::ZERO,
+            server: None,
+            up: 64,
+            down: 32,
+        };
+        let (mut a, mut b) = (Recorder::new(), Recorder::new());
+        a.record(&call(100, Ok(())));
+        a.record(&call(0, Err("UNAVAILABLE")));
+        b.record(&call(300, Ok(())));
+        b.record(&call(200, Ok(())));
+        b.record(&call(0, Err("UNAVAILABLE")));
+        a.merge(&b);
+        assert_eq!((a.ok(), a.errors()), (3, 2));
+        assert_eq!(a.corrected().len(), 3);
+        assert_eq!(a.uncorrected().max(), 300);
+        assert_eq!(a.parts().len(), 3);
+        let s = a.summary(Duration::from_secs(1));
+        assert_eq!(s.errors.get("UNAVAILABLE"), Some(&2));
+        assert_eq!(s.throughput.mb_per_s_up, 3.0 * 64.0 / 1e6);
+        assert_eq!(s.latency_us.p50, 200);
+    }
 
     #[test]
     fn parts_add_up_and_never_exceed_the_total() {

@@ -95,6 +95,12 @@ pub struct BenchArgs {
     /// (in-process, on loopback).
     #[arg(long)]
     compare_raw: bool,
+    /// Alternate the targets (remote and the --compare baselines) in this
+    /// many rounds, each measured for its share of the run, the first after
+    /// the warm-up and later ones after a 200 ms one. On a machine whose
+    /// speed drifts (a shared VM), ratios then compare like with like.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    rounds: u32,
     /// Write the results as JSON (schema in benches/README.md).
     #[arg(long)]
     json: Option<PathBuf>,
@@ -197,6 +203,9 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     let positive = |v: f64| v.is_finite() && v > 0.0;
     if a.rate.is_some_and(|r| !positive(r)) || a.sweep.iter().any(|v| !positive(*v)) {
         bail!("rates and sweep values must be positive");
+    }
+    if a.requests.is_some_and(|n| n < u64::from(a.rounds)) {
+        bail!("--requests must be at least --rounds: each round measures some calls");
     }
     let cancel = CancellationToken::new();
     {
@@ -382,6 +391,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         local,
         raw,
         progress: !a.no_progress,
+        rounds: a.rounds,
     };
     let (runs, comparisons) = bench::execute(&plan, work.clone(), &cancel).await;
 

@@ -83,6 +83,8 @@ fn json_hgrm_and_plot_of_a_short_run_are_consistent() {
         "100ms",
         "--compare-local",
         "--compare-raw",
+        "--rounds",
+        "4",
         "--json",
         json.to_str().expect("path"),
         "--hgrm",
@@ -109,7 +111,9 @@ fn json_hgrm_and_plot_of_a_short_run_are_consistent() {
             .map(|v| v.as_u64().expect("count"))
             .sum();
         assert_eq!(u(run, "calls"), u(run, "ok") + errors, "{run}");
+        // Four alternating rounds of 38, 38, 37 and 37 calls, added up.
         assert_eq!(u(run, "calls"), 150, "--requests 150 measured calls");
+        assert_eq!(u(run, "rounds"), 4);
         let l = &run["latency_us"];
         let seq: Vec<u64> = ["min", "p50", "p90", "p99", "p99_9", "p99_99", "max"]
             .iter()

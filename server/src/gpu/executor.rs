@@ -314,6 +314,15 @@ type Queue = FairQueue<Job, Control>;
 /// timestamp queries per call must fit wgpu's query set limit (4096).
 pub const MAX_BATCH: usize = 1024;
 
+/// What a caught panic said, for the error that reports it.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message")
+}
+
 /// Closes the queue and answers every job still in it when the executor
 /// thread ends, normally (nothing is left then) or by a panic.
 struct AnswerOnExit(Arc<Queue>);
@@ -762,7 +771,18 @@ impl Worker {
                 sources,
                 reply,
             } => {
-                let result = self.reload(kernel_dir, sources);
+                // A panic compiling operator-supplied WGSL fails this
+                // reload with an answer, rather than leaving the caller to
+                // read a dropped reply as a stopped executor.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.reload(kernel_dir, sources)
+                }))
+                .unwrap_or_else(|panic| {
+                    Err(GpuError::Thread(format!(
+                        "the GPU executor panicked loading the kernels ({}); the previous kernels stay in service",
+                        panic_message(panic.as_ref())
+                    )))
+                });
                 if result.is_ok() {
                     self.stats.reloads.fetch_add(1, Ordering::Relaxed);
                 }
