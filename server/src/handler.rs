@@ -41,13 +41,14 @@ use quasar_transport::{
     BufferDesc, CloseCode, ECHO_KERNEL, FrameError, ReadFrameError, ResponseHeader, StatusCode,
     StreamCode, Timings,
 };
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::Shared;
 use crate::access::Identity;
 use crate::admission::{Admission, Slot};
+use crate::budget::Budget;
 use crate::gpu::executor::{Job, Reservation};
 use crate::kernel::plan::{plan, plan_echo, shown};
 
@@ -57,7 +58,7 @@ struct Conn {
     /// Numbers the connection for the GPU queue's fair turns.
     id: u64,
     /// The connection's in-flight byte budget, in KiB.
-    budget: Arc<Semaphore>,
+    budget: Arc<Budget>,
     /// Replies written and finished but perhaps not yet acknowledged by
     /// the client (see [`Replied`]).
     replied: std::sync::Mutex<Replied>,
@@ -182,7 +183,7 @@ pub(crate) async fn connection(
         // quinn's id: unique among live connections, which is all the
         // queue's turns need.
         id: conn.stable_id() as u64,
-        budget: Arc::new(Semaphore::new(shared.connection_budget_kib as usize)),
+        budget: Budget::new(shared.connection_budget_kib),
         replied: std::sync::Mutex::new(Replied::default()),
     });
     tracing::info!(%remote, identity = %conn_state.identity, "connection established");
@@ -400,14 +401,12 @@ fn reserve(shared: &Shared, conn: &Conn, bytes: u64) -> Result<Reservation, Fail
     }
     let conn_permit = conn
         .budget
-        .clone()
-        .try_acquire_many_owned(kib)
-        .map_err(|_| exhausted("this connection's", shared.connection_budget_kib))?;
+        .try_take(kib)
+        .ok_or_else(|| exhausted("this connection's", shared.connection_budget_kib))?;
     let permit = shared
         .budget
-        .clone()
-        .try_acquire_many_owned(kib)
-        .map_err(|_| exhausted("the server's", shared.budget_kib))?;
+        .try_take(kib)
+        .ok_or_else(|| exhausted("the server's", shared.budget_kib))?;
     Ok(Reservation::new(conn_permit, permit))
 }
 

@@ -6,6 +6,7 @@
 //!   accept loop (one task per connection, one per stream), shutdown, and
 //!   [`Reloader`] for swapping certificates, policy and kernels live.
 //! - [`admission`]: caps on connections and handshakes, address validation.
+//! - `budget`: the in-flight byte budgets calls take their shares of.
 //! - [`access`]: client identities from their certificates, and the policy
 //!   of which identities may call which kernels.
 //! - [`handler`]: one call on one stream: read and check the request, queue
@@ -23,6 +24,7 @@
 
 pub mod access;
 pub mod admission;
+mod budget;
 pub mod gpu;
 pub mod handler;
 pub mod kernel;
@@ -34,11 +36,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
+use budget::Budget;
 use quasar_transport::socket::{self, SocketBuffers};
 use quasar_transport::tls::{self, QuicTuning, TlsError};
 use quasar_transport::{CloseCode, Limits};
 use thiserror::Error;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -163,8 +165,8 @@ pub(crate) struct Shared {
     pub(crate) kernels: Arc<Kernels>,
     pub(crate) limits: Limits,
     pub(crate) queue: JobQueue,
-    /// In-flight bytes, in KiB permits.
-    pub(crate) budget: Arc<Semaphore>,
+    /// In-flight bytes, in KiB.
+    pub(crate) budget: Arc<Budget>,
     pub(crate) budget_kib: u32,
     /// Each connection's own budget, in KiB.
     pub(crate) connection_budget_kib: u32,
@@ -184,10 +186,9 @@ impl Shared {
     }
 }
 
-/// A byte count as KiB permits of a semaphore.
+/// A byte count as KiB of a budget.
 fn kib_permits(bytes: u64) -> u32 {
-    let kib = u32::try_from((bytes / 1024).max(1)).unwrap_or(u32::MAX);
-    kib.min(Semaphore::MAX_PERMITS as u32)
+    u32::try_from((bytes / 1024).max(1)).unwrap_or(u32::MAX)
 }
 
 /// A bound, ready server.
@@ -244,7 +245,7 @@ impl Server {
             kernels: executor.kernels().clone(),
             limits: config.limits.clone(),
             queue: executor.queue(),
-            budget: Arc::new(Semaphore::new(budget_kib as usize)),
+            budget: Budget::new(budget_kib),
             budget_kib,
             connection_budget_kib: kib_permits(config.max_inflight_bytes_per_connection),
             request_timeout: config.request_timeout,

@@ -39,12 +39,13 @@ use futures_util::FutureExt;
 use quasar_transport::io::ChunkedPayload;
 use quasar_transport::{Payload, StatusCode};
 use thiserror::Error;
-use tokio::sync::{OwnedSemaphorePermit, oneshot};
+use tokio::sync::oneshot;
 
 use super::pool::{BufferPool, PoolKind};
 pub use super::sched::SubmitError;
 use super::sched::{FairQueue, Next, Queued};
 use super::{AdapterSummary, GpuError, choose_adapter};
+use crate::budget::Share;
 use crate::kernel::plan::{CallPlan, DeviceCaps};
 use crate::kernel::{BufferRole, KernelInterface};
 
@@ -195,13 +196,13 @@ pub struct Job {
 /// server's), given back when dropped. In-process calls hold none.
 #[derive(Debug, Default)]
 pub struct Reservation {
-    _connection: Option<OwnedSemaphorePermit>,
-    _server: Option<OwnedSemaphorePermit>,
+    _connection: Option<Share>,
+    _server: Option<Share>,
 }
 
 impl Reservation {
     /// Holds both shares until dropped.
-    pub fn new(connection: OwnedSemaphorePermit, server: OwnedSemaphorePermit) -> Self {
+    pub(crate) fn new(connection: Share, server: Share) -> Self {
         Self {
             _connection: Some(connection),
             _server: Some(server),

@@ -1,0 +1,109 @@
+//! In-flight byte budgets: how much memory calls may hold at once, on the
+//! whole server and on each connection.
+//!
+//! A call takes its share before anything is allocated for it and gives it
+//! back when the last of its bytes is released. A share is taken without
+//! waiting: a call that does not fit is refused with RESOURCE_EXHAUSTED
+//! (the client retries later), never parked. So a budget is a counter, not
+//! a semaphore: a semaphore keeps a list of waiters, which nothing here
+//! would use, and locks it on every release, twice per call.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// A number of KiB that calls may hold at once.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    free: AtomicU32,
+}
+
+impl Budget {
+    /// A budget of `kib` KiB, all of it free.
+    pub(crate) fn new(kib: u32) -> Arc<Self> {
+        Arc::new(Self {
+            free: AtomicU32::new(kib),
+        })
+    }
+
+    /// Takes `kib` KiB if that much is free now.
+    pub(crate) fn try_take(self: &Arc<Self>, kib: u32) -> Option<Share> {
+        let mut free = self.free.load(Ordering::Relaxed);
+        loop {
+            let left = free.checked_sub(kib)?;
+            match self
+                .free
+                .compare_exchange_weak(free, left, Ordering::Acquire, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    return Some(Share {
+                        budget: self.clone(),
+                        kib,
+                    });
+                }
+                Err(now) => free = now,
+            }
+        }
+    }
+
+    /// KiB free now.
+    #[cfg(test)]
+    fn free(&self) -> u32 {
+        self.free.load(Ordering::Acquire)
+    }
+}
+
+/// Part of a [`Budget`], given back when dropped.
+#[derive(Debug)]
+pub(crate) struct Share {
+    budget: Arc<Budget>,
+    kib: u32,
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        self.budget.free.fetch_add(self.kib, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_are_refused_past_the_budget_and_given_back_when_dropped() {
+        let budget = Budget::new(100);
+        let a = budget.try_take(60).expect("60 of 100");
+        assert!(budget.try_take(41).is_none(), "only 40 left");
+        let b = budget.try_take(40).expect("the last 40");
+        assert_eq!(budget.free(), 0);
+        assert!(budget.try_take(1).is_none());
+        drop(a);
+        assert_eq!(budget.free(), 60);
+        drop(b);
+        assert_eq!(budget.free(), 100);
+        assert!(budget.try_take(101).is_none(), "more than the whole budget");
+    }
+
+    #[test]
+    fn concurrent_takers_never_overdraw() {
+        let budget = Budget::new(1000);
+        let taken = std::sync::atomic::AtomicU32::new(0);
+        let peak = std::sync::atomic::AtomicU32::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..10_000 {
+                        if let Some(share) = budget.try_take(7) {
+                            let now = taken.fetch_add(7, Ordering::SeqCst) + 7;
+                            peak.fetch_max(now, Ordering::SeqCst);
+                            taken.fetch_sub(7, Ordering::SeqCst);
+                            drop(share);
+                        }
+                    }
+                });
+            }
+        });
+        assert!(peak.load(Ordering::SeqCst) <= 1000);
+        assert_eq!(budget.free(), 1000);
+    }
+}
