@@ -1,15 +1,19 @@
 //! The hot functions of the call path added for batching, fairness and
-//! copy-once: the fair queue's push and batch take, and copying a payload
-//! out of QUIC's chunks (against one contiguous copy of the same bytes).
+//! copy-once: the fair queue's push and batch take, copying a payload out
+//! of QUIC's chunks (against one contiguous copy of the same bytes), and a
+//! call's shares of the in-flight byte budgets (against the tokio
+//! semaphores they replaced).
 //!
 //! `cargo bench -p quasar-benches --bench hot`
 
 #![allow(missing_docs, clippy::expect_used)]
 
 use std::hint::black_box;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use quasar_server::budget::Budget;
 use quasar_server::gpu::sched::{FairQueue, Next, Queued};
 use quasar_transport::io::ChunkedPayload;
 
@@ -65,5 +69,33 @@ fn chunked_copy(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, fair_queue, chunked_copy);
+fn budgets(c: &mut Criterion) {
+    // Every call takes a share of its connection's budget and of the
+    // server's, and gives both back when its reply is written.
+    let mut g = c.benchmark_group("budget");
+    g.bench_function("take_two_shares_and_give_back", |b| {
+        let (connection, server) = (Budget::new(512 * 1024), Budget::new(4 << 20));
+        b.iter(|| {
+            let shares = (
+                connection.try_take(black_box(1)),
+                server.try_take(black_box(1)),
+            );
+            black_box(shares.0.is_some() && shares.1.is_some())
+        });
+    });
+    g.bench_function("tokio_semaphore_baseline", |b| {
+        let connection = Arc::new(tokio::sync::Semaphore::new(512 * 1024));
+        let server = Arc::new(tokio::sync::Semaphore::new(4 << 20));
+        b.iter(|| {
+            let permits = (
+                connection.clone().try_acquire_many_owned(black_box(1)),
+                server.clone().try_acquire_many_owned(black_box(1)),
+            );
+            black_box(permits.0.is_ok() && permits.1.is_ok())
+        });
+    });
+    g.finish();
+}
+
+criterion_group!(benches, fair_queue, chunked_copy, budgets);
 criterion_main!(benches);

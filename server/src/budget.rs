@@ -13,20 +13,20 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 /// A number of KiB that calls may hold at once.
 #[derive(Debug)]
-pub(crate) struct Budget {
+pub struct Budget {
     free: AtomicU32,
 }
 
 impl Budget {
     /// A budget of `kib` KiB, all of it free.
-    pub(crate) fn new(kib: u32) -> Arc<Self> {
+    pub fn new(kib: u32) -> Arc<Self> {
         Arc::new(Self {
             free: AtomicU32::new(kib),
         })
     }
 
     /// Takes `kib` KiB if that much is free now.
-    pub(crate) fn try_take(self: &Arc<Self>, kib: u32) -> Option<Share> {
+    pub fn try_take(self: &Arc<Self>, kib: u32) -> Option<Share> {
         let mut free = self.free.load(Ordering::Relaxed);
         loop {
             let left = free.checked_sub(kib)?;
@@ -54,7 +54,7 @@ impl Budget {
 
 /// Part of a [`Budget`], given back when dropped.
 #[derive(Debug)]
-pub(crate) struct Share {
+pub struct Share {
     budget: Arc<Budget>,
     kib: u32,
 }

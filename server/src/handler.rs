@@ -111,7 +111,10 @@ impl Conn {
             send.stopped().now_or_never().is_none()
         });
         let mut replied = self.replied();
-        replied.streams.append(&mut taken);
+        // Back into the taken list, whose buffer has grown to a check's
+        // size, rather than regrowing the emptied one from nothing.
+        taken.append(&mut replied.streams);
+        std::mem::swap(&mut replied.streams, &mut taken);
         replied.check_at = 2 * replied.streams.len();
     }
 
@@ -249,7 +252,7 @@ struct Success {
     body: Vec<Bytes>,
     /// The call's share of the in-flight budgets, released once the reply
     /// is written.
-    permit: Reservation,
+    reservation: Reservation,
 }
 
 async fn call(
@@ -291,10 +294,10 @@ async fn call(
         Ok(Success {
             mut header,
             body,
-            permit,
+            reservation,
         }) => {
             header.timings.total_us = total_us();
-            (header, body, permit)
+            (header, body, reservation)
         }
         Err(Failure::Status {
             code,
@@ -366,7 +369,7 @@ async fn call(
 }
 
 /// Reserves `bytes` from the connection's in-flight budget (so one client
-/// cannot take it all), then from the server's; the permits travel with the
+/// cannot take it all), then from the server's; the shares travel with the
 /// call's bytes.
 fn reserve(shared: &Shared, conn: &Conn, bytes: u64) -> Result<Reservation, Failure> {
     let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
@@ -399,15 +402,15 @@ fn reserve(shared: &Shared, conn: &Conn, bytes: u64) -> Result<Reservation, Fail
             ));
         }
     }
-    let conn_permit = conn
+    let connection_share = conn
         .budget
         .try_take(kib)
         .ok_or_else(|| exhausted("this connection's", shared.connection_budget_kib))?;
-    let permit = shared
+    let server_share = shared
         .budget
         .try_take(kib)
         .ok_or_else(|| exhausted("the server's", shared.budget_kib))?;
-    Ok(Reservation::new(conn_permit, permit))
+    Ok(Reservation::new(connection_share, server_share))
 }
 
 /// The built-in echo: the request's buffers back, unchanged, with no GPU
@@ -423,7 +426,7 @@ async fn echo(
 ) -> Result<Success, Failure> {
     let buffers = plan_echo(header, payload_len, &shared.limits)
         .map_err(|e| Failure::status(e.code, e.message, true))?;
-    let permit = reserve(shared, conn, payload_len)?;
+    let reservation = reserve(shared, conn, payload_len)?;
     let payload = read_payload(reader, payload_len, read_deadline).await?;
     Ok(Success {
         header: ResponseHeader {
@@ -434,7 +437,7 @@ async fn echo(
         },
         // The request's chunks go back out as they came in: no copy.
         body: payload.chunks().to_vec(),
-        permit,
+        reservation,
     })
 }
 
@@ -598,7 +601,7 @@ async fn run(
 
     // Reserve the request and response bytes before allocating either.
     let bytes = prefix.payload_len + plan.response_layout.total() as u64;
-    let permit = reserve(shared, conn, bytes)?;
+    let reservation = reserve(shared, conn, bytes)?;
 
     let payload = read_payload(&mut reader, prefix.payload_len, payload_deadline).await?;
 
@@ -633,7 +636,7 @@ async fn run(
             enqueued: Instant::now(),
             deadline,
             reply: reply_tx,
-            permit,
+            reservation,
         })
         .map_err(|e| Failure::status(e.status(), e.to_string(), false))?;
 
@@ -672,6 +675,6 @@ async fn run(
             },
         },
         body: vec![Bytes::from_owner(output.payload)],
-        permit: output.permit,
+        reservation: output.reservation,
     })
 }

@@ -6,7 +6,7 @@
 //!   accept loop (one task per connection, one per stream), shutdown, and
 //!   [`Reloader`] for swapping certificates, policy and kernels live.
 //! - [`admission`]: caps on connections and handshakes, address validation.
-//! - `budget`: the in-flight byte budgets calls take their shares of.
+//! - [`budget`]: the in-flight byte budgets calls take their shares of.
 //! - [`access`]: client identities from their certificates, and the policy
 //!   of which identities may call which kernels.
 //! - [`handler`]: one call on one stream: read and check the request, queue
@@ -24,7 +24,7 @@
 
 pub mod access;
 pub mod admission;
-mod budget;
+pub mod budget;
 pub mod gpu;
 pub mod handler;
 pub mod kernel;
@@ -187,7 +187,7 @@ impl Shared {
 }
 
 /// A byte count as KiB of a budget.
-fn kib_permits(bytes: u64) -> u32 {
+fn kib_of(bytes: u64) -> u32 {
     u32::try_from((bytes / 1024).max(1)).unwrap_or(u32::MAX)
 }
 
@@ -240,14 +240,14 @@ impl Server {
             runtime,
         )
         .map_err(bind_error)?;
-        let budget_kib = kib_permits(config.max_inflight_bytes);
+        let budget_kib = kib_of(config.max_inflight_bytes);
         let shared = Arc::new(Shared {
             kernels: executor.kernels().clone(),
             limits: config.limits.clone(),
             queue: executor.queue(),
             budget: Budget::new(budget_kib),
             budget_kib,
-            connection_budget_kib: kib_permits(config.max_inflight_bytes_per_connection),
+            connection_budget_kib: kib_of(config.max_inflight_bytes_per_connection),
             request_timeout: config.request_timeout,
             min_transfer_rate: config.min_transfer_rate,
             policy: RwLock::new(Arc::new(config.policy.clone())),

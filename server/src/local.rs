@@ -185,7 +185,7 @@ impl LocalDispatcher {
                 enqueued: Instant::now(),
                 deadline: None,
                 reply: tx,
-                permit: Reservation::default(),
+                reservation: Reservation::default(),
             })
             .map_err(|e| fail(e.status(), e.to_string()))?;
         Ok((layout, rx))

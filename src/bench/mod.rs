@@ -67,6 +67,7 @@ pub async fn execute(
             .chain(plan.raw.iter())
             .collect();
         let mut sums: Vec<Rounds> = targets.iter().map(|_| Rounds::default()).collect();
+        let load_json = LoadJson::of(load, plan.connections);
         // Targets take turns, so a machine whose speed drifts over the
         // minutes of a run (a shared VM, a CPU changing clocks) slows each
         // of them alike rather than whichever ran last.
@@ -75,7 +76,6 @@ pub async fn execute(
                 if cancel.is_cancelled() {
                     break 'rounds;
                 }
-                let load_json = LoadJson::of(load, plan.connections);
                 let mut label = format!("{} {}", target.name(), load_json.label());
                 if rounds > 1 {
                     label = format!("{label} ({}/{rounds})", round + 1);
@@ -104,12 +104,12 @@ pub async fn execute(
                 );
             }
         }
+        flag_short_rounds(&mut sums);
         let mut remote_run: Option<RunReport> = None;
         for (target, sum) in targets.iter().zip(sums) {
             if sum.rounds == 0 {
                 continue;
             }
-            let load_json = LoadJson::of(load, plan.connections);
             let run = RunReport {
                 label: format!("{} {}", target.name(), load_json.label()),
                 target: target.name(),
@@ -119,11 +119,10 @@ pub async fn execute(
                 summary: sum.recorder.summary(sum.elapsed),
                 // Calls cut short by Ctrl-C are not counted, their packets
                 // are: no per-call figure then.
-                transport: sum.transport.filter(|_| !sum.interrupted).and_then(
-                    |(counts, calls)| {
-                        report::TransportJson::between(TransportCounts::default(), counts, calls)
-                    },
-                ),
+                transport: sum
+                    .transport
+                    .filter(|_| !sum.interrupted)
+                    .and_then(|(counts, calls)| report::TransportJson::of(counts, calls)),
                 recorder: sum.recorder,
             };
             match &remote_run {
@@ -137,6 +136,16 @@ pub async fn execute(
         }
     }
     (runs, comparisons)
+}
+
+/// Marks as interrupted the targets that ran fewer rounds than another:
+/// Ctrl-C during a round leaves the targets after it a round short, and
+/// their comparison is no longer like with like.
+fn flag_short_rounds(sums: &mut [Rounds]) {
+    let most = sums.iter().map(|s| s.rounds).max().unwrap_or(0);
+    for sum in sums {
+        sum.interrupted |= sum.rounds < most;
+    }
 }
 
 /// One target's rounds of one step, added up.
@@ -227,4 +236,34 @@ fn progress(
         }
     });
     (bar, ticker)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rounds(rounds: u32, interrupted: bool) -> Rounds {
+        Rounds {
+            rounds,
+            interrupted,
+            ..Rounds::default()
+        }
+    }
+
+    #[test]
+    fn targets_a_round_short_are_marked_interrupted() {
+        // Ctrl-C in remote's second round: the baselines ran one.
+        let mut cut = [rounds(2, true), rounds(1, false), rounds(1, false)];
+        flag_short_rounds(&mut cut);
+        assert!(cut.iter().all(|s| s.interrupted));
+
+        // Ctrl-C in the last baseline's round: the others are whole.
+        let mut late = [rounds(2, false), rounds(2, false), rounds(2, true)];
+        flag_short_rounds(&mut late);
+        assert_eq!(late.map(|s| s.interrupted), [false, false, true]);
+
+        let mut whole = [rounds(5, false), rounds(5, false)];
+        flag_short_rounds(&mut whole);
+        assert!(whole.iter().all(|s| !s.interrupted));
+    }
 }

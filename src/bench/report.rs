@@ -95,18 +95,18 @@ pub struct TransportJson {
 }
 
 impl TransportJson {
-    /// The traffic between two snapshots, over `calls` calls; none if a
-    /// connection was replaced in between (its counters started again).
-    pub fn between(before: TransportCounts, after: TransportCounts, calls: u64) -> Option<Self> {
-        if calls == 0 || before.reconnects != after.reconnects {
+    /// The traffic `counts` (what was counted over a run) over `calls`
+    /// calls; none without calls.
+    pub fn of(counts: TransportCounts, calls: u64) -> Option<Self> {
+        if calls == 0 {
             return None;
         }
-        let per_call = |a: u64, b: u64| a.saturating_sub(b) as f64 / calls as f64;
+        let per_call = |n: u64| n as f64 / calls as f64;
         Some(Self {
-            datagrams_up_per_call: per_call(after.datagrams_up, before.datagrams_up),
-            datagrams_down_per_call: per_call(after.datagrams_down, before.datagrams_down),
-            lost_packets: after.lost_packets.saturating_sub(before.lost_packets),
-            rtt_us: u64::try_from(after.rtt.as_micros()).unwrap_or(u64::MAX),
+            datagrams_up_per_call: per_call(counts.datagrams_up),
+            datagrams_down_per_call: per_call(counts.datagrams_down),
+            lost_packets: counts.lost_packets,
+            rtt_us: u64::try_from(counts.rtt.as_micros()).unwrap_or(u64::MAX),
         })
     }
 }

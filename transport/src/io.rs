@@ -197,16 +197,19 @@ impl<'a> FrameReader<'a> {
         Ok(())
     }
 
-    async fn read_into(
+    /// Takes the next `len` bytes of `part` as they arrive, handing each
+    /// piece to `take`.
+    async fn take(
         &mut self,
-        dst: &mut [u8],
+        len: usize,
         part: &'static str,
+        mut take: impl FnMut(&[u8]),
     ) -> Result<(), ReadFrameError> {
         let mut at = 0;
-        while at < dst.len() {
-            self.buffer(part, at, dst.len()).await?;
-            let n = (dst.len() - at).min(self.buffered.len());
-            dst[at..at + n].copy_from_slice(&self.buffered[..n]);
+        while at < len {
+            self.buffer(part, at, len).await?;
+            let n = (len - at).min(self.buffered.len());
+            take(&self.buffered[..n]);
             self.buffered.advance(n);
             at += n;
         }
@@ -226,7 +229,12 @@ impl<'a> FrameReader<'a> {
         limits: &Limits,
     ) -> Result<(Prefix, Payload), ReadFrameError> {
         let mut bytes = [0u8; PREFIX_LEN];
-        self.read_into(&mut bytes, "prefix").await?;
+        let mut at = 0;
+        self.take(PREFIX_LEN, "prefix", |piece| {
+            bytes[at..at + piece.len()].copy_from_slice(piece);
+            at += piece.len();
+        })
+        .await?;
         let prefix = Prefix::decode(&bytes, kind, limits)?;
         let header = self.aligned(u64::from(prefix.header_len), "header").await?;
         Ok((prefix, header))
@@ -248,12 +256,8 @@ impl<'a> FrameReader<'a> {
         // Filled by appending, not zeroed first: zeroing a 1 MiB reply
         // before copying into it was a percent of the client's time.
         let mut buf = Payload::with_capacity(len);
-        while buf.len() < len {
-            self.buffer(part, buf.len(), len).await?;
-            let n = (len - buf.len()).min(self.buffered.len());
-            buf.extend_from_slice(&self.buffered[..n]);
-            self.buffered.advance(n);
-        }
+        self.take(len, part, |piece| buf.extend_from_slice(piece))
+            .await?;
         Ok(buf)
     }
 

@@ -189,7 +189,7 @@ pub struct Job {
     pub reply: oneshot::Sender<Result<JobOutput, ExecError>>,
     /// The call's share of the server's in-flight byte budgets, released
     /// with the last of its bytes (moved into the output on success).
-    pub permit: Reservation,
+    pub reservation: Reservation,
 }
 
 /// A call's share of the in-flight byte budgets (its connection's and the
@@ -235,7 +235,7 @@ pub struct JobOutput {
     pub readback: Duration,
     /// The call's share of the in-flight byte budgets, held until the
     /// response has been written.
-    pub permit: Reservation,
+    pub reservation: Reservation,
 }
 
 /// Why a job failed on the GPU side.
@@ -779,10 +779,9 @@ impl Worker {
                     self.reload(kernel_dir, sources)
                 }))
                 .unwrap_or_else(|panic| {
-                    Err(GpuError::Thread(format!(
-                        "the GPU executor panicked loading the kernels ({}); the previous kernels stay in service",
-                        panic_message(panic.as_ref())
-                    )))
+                    Err(GpuError::ReloadPanicked(
+                        panic_message(panic.as_ref()).to_owned(),
+                    ))
                 });
                 if result.is_ok() {
                     self.stats.reloads.fetch_add(1, Ordering::Relaxed);
@@ -907,7 +906,7 @@ impl Worker {
                     let Job {
                         payload,
                         reply,
-                        permit,
+                        reservation,
                         enqueued,
                         ..
                     } = job;
@@ -918,7 +917,7 @@ impl Worker {
                         gpu,
                         kernel,
                         readback,
-                        permit,
+                        reservation,
                     });
                     let _ = reply.send(result);
                 }

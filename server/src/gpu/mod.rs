@@ -115,9 +115,16 @@ pub enum GpuError {
         #[source]
         source: std::io::Error,
     },
-    /// The executor thread could not be started or died during start-up.
+    /// The executor thread could not be started, died during start-up,
+    /// or has stopped.
     #[error("GPU executor thread: {0}")]
     Thread(String),
+    /// Loading kernels panicked (inside the driver's shader compiler,
+    /// say); the kernels in service before the reload stay in service.
+    #[error(
+        "the GPU executor panicked loading the kernels ({0}); the previous kernels stay in service"
+    )]
+    ReloadPanicked(String),
 }
 
 fn instance() -> wgpu::Instance {
