@@ -33,9 +33,22 @@ use time::{Duration, OffsetDateTime};
 /// `crl.pem`; removed when found.
 const LEGACY_REVOKED_LIST: &str = "revoked.txt";
 
-/// The serial numbers `crl_pem` revokes and its CRL number, after checking
-/// that the CA in `ca_pem` signed it.
-fn revoked_by(crl_pem: &str, ca_pem: &str, path: &Path) -> Result<(Vec<Vec<u8>>, u64), CertError> {
+/// A revoked certificate: its serial number and when it was revoked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    /// The certificate's serial number, as encoded in it.
+    pub serial: Vec<u8>,
+    /// When it was revoked (whole seconds, as a CRL records it).
+    pub revoked_at: OffsetDateTime,
+}
+
+/// What `crl_pem` revokes, and its CRL number, after checking that the CA
+/// in `ca_pem` signed it.
+fn revoked_by(
+    crl_pem: &str,
+    ca_pem: &str,
+    path: &Path,
+) -> Result<(Vec<Revocation>, u64), CertError> {
     let bad = |detail: String| CertError::BadCertificate {
         path: path.to_owned(),
         detail,
@@ -49,10 +62,17 @@ fn revoked_by(crl_pem: &str, ca_pem: &str, path: &Path) -> Result<(Vec<Vec<u8>>,
     let ca = ca_der.parse_x509().map_err(|e| bad(e.to_string()))?;
     crl.verify_signature(ca.public_key())
         .map_err(|e| bad(format!("not signed by this directory's CA: {e}")))?;
-    let serials = crl
+    let revoked = crl
         .iter_revoked_certificates()
-        .map(|r| r.raw_serial().to_vec())
-        .collect();
+        .map(|r| {
+            let revoked_at = OffsetDateTime::from_unix_timestamp(r.revocation_date.timestamp())
+                .map_err(|e| bad(format!("revocation date: {e}")))?;
+            Ok(Revocation {
+                serial: r.raw_serial().to_vec(),
+                revoked_at,
+            })
+        })
+        .collect::<Result<_, CertError>>()?;
     let number = crl
         .crl_number()
         .and_then(|n| {
@@ -64,7 +84,7 @@ fn revoked_by(crl_pem: &str, ca_pem: &str, path: &Path) -> Result<(Vec<Vec<u8>>,
             }
         })
         .unwrap_or(0);
-    Ok((serials, number))
+    Ok((revoked, number))
 }
 
 fn remove_if_present(path: &Path) -> Result<(), CertError> {
@@ -320,23 +340,23 @@ impl CertificateAuthority {
         self.sign(params, validity)
     }
 
-    /// A certificate revocation list, signed by this CA, revoking the
-    /// certificates with these serial numbers; valid for `days`.
+    /// A certificate revocation list, signed by this CA, revoking these
+    /// certificates (each with its own revocation date); valid for `days`.
     ///
     /// # Errors
     /// [`CertError::Rcgen`] if signing fails.
-    pub fn crl(&self, serials: &[Vec<u8>], number: u64, days: i64) -> Result<String, CertError> {
+    pub fn crl(&self, revoked: &[Revocation], number: u64, days: i64) -> Result<String, CertError> {
         let now = OffsetDateTime::now_utc();
         let params = CertificateRevocationListParams {
             this_update: now - Duration::hours(1),
             next_update: now + Duration::days(days),
             crl_number: SerialNumber::from_slice(&number.to_be_bytes()),
             issuing_distribution_point: None,
-            revoked_certs: serials
+            revoked_certs: revoked
                 .iter()
-                .map(|s| RevokedCertParams {
-                    serial_number: SerialNumber::from_slice(s),
-                    revocation_time: now - Duration::minutes(1),
+                .map(|r| RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&r.serial),
+                    revocation_time: r.revoked_at,
                     reason_code: Some(RevocationReason::KeyCompromise),
                     invalidity_date: None,
                 })
@@ -519,7 +539,7 @@ impl PkiDir {
         let cert = der.parse_x509().map_err(|e| bad(e.to_string()))?;
         let serial = cert.raw_serial().to_vec();
         let ca = self.load_ca()?;
-        let (mut serials, previous) = match fs::read_to_string(self.crl()) {
+        let (mut revoked, previous) = match fs::read_to_string(self.crl()) {
             Ok(crl) => revoked_by(&crl, ca.cert_pem(), &self.crl())?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Vec::new(), 0),
             Err(source) => {
@@ -529,14 +549,20 @@ impl PkiDir {
                 });
             }
         };
-        if !serials.contains(&serial) {
-            serials.push(serial);
+        // Entries already revoked keep their dates; a new one is dated a
+        // minute back, so a verifier whose clock is a little behind does
+        // not see a revocation from the future.
+        if !revoked.iter().any(|r| r.serial == serial) {
+            revoked.push(Revocation {
+                serial,
+                revoked_at: OffsetDateTime::now_utc() - Duration::minutes(1),
+            });
         }
         // CRL numbers must grow: the time in seconds does across runs, and
         // two revocations within a second take the next number.
         let now = u64::try_from(OffsetDateTime::now_utc().unix_timestamp()).unwrap_or(1);
         let number = now.max(previous.saturating_add(1));
-        let crl = ca.crl(&serials, number, 30)?;
+        let crl = ca.crl(&revoked, number, 30)?;
         // The CRL is the only record of what is revoked: replaced whole
         // (written aside, then renamed over), never left half-written.
         let fresh = self.dir.join("crl.pem.tmp");
@@ -683,15 +709,19 @@ mod tests {
         pki.revoke("alice").expect("revoking twice is harmless");
         let ca = pki.load_ca().expect("ca");
         let (_, first_number) = revoked_by(&first, ca.cert_pem(), &crl).expect("first CRL");
-        let (serials, number) =
+        let (revoked, number) =
             revoked_by(&fs::read_to_string(&crl).expect("crl"), ca.cert_pem(), &crl)
                 .expect("the CRL is this CA's");
-        assert_eq!(serials.len(), 2, "bob and alice, once each");
+        assert_eq!(revoked.len(), 2, "bob and alice, once each");
         // Three CRLs within a second still get growing numbers.
         assert!(number >= first_number + 2, "{first_number} -> {number}");
         // A CRL this CA did not sign is refused, not merged.
         let other = CertificateAuthority::generate("other CA").expect("ca");
-        fs::write(&crl, other.crl(&[vec![1, 2, 3]], 1, 1).expect("crl")).expect("write");
+        let stranger = Revocation {
+            serial: vec![1, 2, 3],
+            revoked_at: OffsetDateTime::now_utc(),
+        };
+        fs::write(&crl, other.crl(&[stranger], 1, 1).expect("crl")).expect("write");
         assert!(matches!(
             pki.revoke("bob"),
             Err(CertError::BadCertificate { .. })
@@ -703,6 +733,56 @@ mod tests {
         pki.init(&["localhost".into()], &[], &["alice".into()], true)
             .expect("forced init");
         assert_ne!(fs::read_to_string(pki.ca_cert()).expect("read"), before);
+    }
+
+    #[test]
+    fn a_new_revocation_keeps_the_dates_of_earlier_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = PkiDir::new(dir.path().join("pki"));
+        pki.init(
+            &["localhost".into()],
+            &[],
+            &["alice".into(), "bob".into()],
+            false,
+        )
+        .expect("init");
+        let ca = pki.load_ca().expect("ca");
+        let serial_of = |name: &str| {
+            let pem = fs::read_to_string(pki.client_cert(name)).expect("cert");
+            let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).expect("pem");
+            der.parse_x509().expect("x509").raw_serial().to_vec()
+        };
+        // Bob was revoked long ago, by an earlier CRL of this CA.
+        let long_ago = OffsetDateTime::from_unix_timestamp(1_600_000_000).expect("date");
+        let earlier = Revocation {
+            serial: serial_of("bob"),
+            revoked_at: long_ago,
+        };
+        fs::write(
+            pki.crl(),
+            ca.crl(std::slice::from_ref(&earlier), 7, 30).expect("crl"),
+        )
+        .expect("write");
+
+        pki.revoke("alice").expect("revoke");
+        let (revoked, number) = revoked_by(
+            &fs::read_to_string(pki.crl()).expect("crl"),
+            ca.cert_pem(),
+            &pki.crl(),
+        )
+        .expect("the CRL is this CA's");
+        assert!(number > 7);
+        assert_eq!(revoked.len(), 2);
+        assert!(revoked.contains(&earlier), "bob's date kept: {revoked:?}");
+        let alice = revoked
+            .iter()
+            .find(|r| r.serial == serial_of("alice"))
+            .expect("alice revoked");
+        let age = OffsetDateTime::now_utc() - alice.revoked_at;
+        assert!(
+            age >= Duration::ZERO && age < Duration::minutes(5),
+            "alice revoked now: {age}"
+        );
     }
 
     #[test]
