@@ -6,24 +6,16 @@
 use std::collections::HashSet;
 use std::net::UdpSocket;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use quasar_client::{Call, Client};
 use quasar_server::AddressValidation;
 use quasar_transport::tls::{self, QuicTuning};
 
-use crate::support::{assert_serving, config, server_with};
+use crate::support::{assert_serving, config, eventually, server_with};
 
 fn add() -> Call {
     Call::new("add").input("a", &[1.0f32]).input("b", &[2.0f32])
-}
-
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let until = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < until, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -162,14 +162,12 @@ pub async fn calibrate(client: &quasar_client::Client) -> (u32, Duration) {
     }
 }
 
-/// Polls `cond` for up to 10 s; whether it became true.
-pub async fn wait_for(mut cond: impl FnMut() -> bool) -> bool {
+/// Polls `cond` every 20 ms until it holds; fails the test, naming
+/// `what`, if it does not within 10 s.
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let until = Instant::now() + Duration::from_secs(10);
     while !cond() {
-        if Instant::now() >= until {
-            return false;
-        }
+        assert!(Instant::now() < until, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    true
 }
