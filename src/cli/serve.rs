@@ -262,69 +262,95 @@ pub async fn config(a: ServeArgs) -> Result<ServerConfig> {
     let mut config = ServerConfig::new(listen, tls);
     config.gpu.kernel_dir = a.kernels.or(f.kernels);
     config.gpu.adapter = a.adapter.or(f.adapter);
-    let gpu_defaults = quasar_server::GpuConfig::default();
-    config.gpu.queue_depth = a
-        .queue_depth
-        .or(f.queue_depth)
-        .unwrap_or(gpu_defaults.queue_depth);
-    config.gpu.max_queued_per_connection = a
-        .max_queued_per_connection
-        .or(f.max_queued_per_connection)
-        .unwrap_or(gpu_defaults.max_queued_per_connection);
-    config.gpu.max_batch = a
-        .max_batch
-        .or(f.max_batch)
-        .unwrap_or(gpu_defaults.max_batch);
-    config.gpu.timestamps = a
-        .gpu_timestamps
-        .or(f.gpu_timestamps)
-        .unwrap_or(Timestamps::Auto)
-        .into();
+    // Anything neither the command line nor the file sets keeps the
+    // library's default (`ServerConfig::new`), the one place defaults live.
     let mib = |v: u64| v.saturating_mul(1024 * 1024);
-    config.max_inflight_bytes = mib(a.max_inflight_mib.or(f.max_inflight_mib).unwrap_or(1024));
-    if let Some(v) = a
-        .max_inflight_per_connection_mib
-        .or(f.max_inflight_per_connection_mib)
-    {
-        config.max_inflight_bytes_per_connection = mib(v);
-    }
+    let secs = Duration::from_secs;
+    set(&mut config.gpu.queue_depth, a.queue_depth.or(f.queue_depth));
+    set(
+        &mut config.gpu.max_queued_per_connection,
+        a.max_queued_per_connection.or(f.max_queued_per_connection),
+    );
+    set(&mut config.gpu.max_batch, a.max_batch.or(f.max_batch));
+    set(
+        &mut config.gpu.timestamps,
+        a.gpu_timestamps.or(f.gpu_timestamps).map(Into::into),
+    );
+    set(
+        &mut config.max_inflight_bytes,
+        a.max_inflight_mib.or(f.max_inflight_mib).map(mib),
+    );
+    set(
+        &mut config.max_inflight_bytes_per_connection,
+        a.max_inflight_per_connection_mib
+            .or(f.max_inflight_per_connection_mib)
+            .map(mib),
+    );
     let adm = &mut config.admission;
-    adm.max_connections = a
-        .max_connections
-        .or(f.max_connections)
-        .unwrap_or(adm.max_connections);
-    adm.max_connections_per_address = a
-        .max_connections_per_address
-        .or(f.max_connections_per_address)
-        .unwrap_or(adm.max_connections_per_address);
-    adm.max_handshakes = a
-        .max_handshakes
-        .or(f.max_handshakes)
-        .unwrap_or(adm.max_handshakes);
-    if let Some(s) = a.handshake_timeout_s.or(f.handshake_timeout_s) {
-        adm.handshake_timeout = Duration::from_secs(s);
-    }
-    if let Some(v) = a.address_validation.or(f.address_validation) {
-        adm.address_validation = v.into();
-    }
-    config.quic.keep_alive = a.keep_alive_s.or(f.keep_alive_s).map(Duration::from_secs);
-    config.limits.max_payload_len = mib(a.max_payload_mib.or(f.max_payload_mib).unwrap_or(256));
-    config.quic.max_concurrent_streams = a.max_streams.or(f.max_streams).unwrap_or(1024);
-    config.quic.idle_timeout =
-        Duration::from_secs(a.idle_timeout_s.or(f.idle_timeout_s).unwrap_or(30));
-    config.request_timeout =
-        Duration::from_secs(a.request_timeout_s.or(f.request_timeout_s).unwrap_or(30));
-    if let Some(kib) = a.min_transfer_rate_kib.or(f.min_transfer_rate_kib) {
-        config.min_transfer_rate = kib.saturating_mul(1024);
-    }
-    config.shutdown_grace = Duration::from_secs(a.grace_s.or(f.grace_s).unwrap_or(10));
-    config.access_log = a.access_log.or(f.access_log).unwrap_or(true);
+    set(
+        &mut adm.max_connections,
+        a.max_connections.or(f.max_connections),
+    );
+    set(
+        &mut adm.max_connections_per_address,
+        a.max_connections_per_address
+            .or(f.max_connections_per_address),
+    );
+    set(
+        &mut adm.max_handshakes,
+        a.max_handshakes.or(f.max_handshakes),
+    );
+    set(
+        &mut adm.handshake_timeout,
+        a.handshake_timeout_s.or(f.handshake_timeout_s).map(secs),
+    );
+    set(
+        &mut adm.address_validation,
+        a.address_validation
+            .or(f.address_validation)
+            .map(Into::into),
+    );
+    config.quic.keep_alive = a.keep_alive_s.or(f.keep_alive_s).map(secs);
+    set(
+        &mut config.limits.max_payload_len,
+        a.max_payload_mib.or(f.max_payload_mib).map(mib),
+    );
+    set(
+        &mut config.quic.max_concurrent_streams,
+        a.max_streams.or(f.max_streams),
+    );
+    set(
+        &mut config.quic.idle_timeout,
+        a.idle_timeout_s.or(f.idle_timeout_s).map(secs),
+    );
+    set(
+        &mut config.request_timeout,
+        a.request_timeout_s.or(f.request_timeout_s).map(secs),
+    );
+    set(
+        &mut config.min_transfer_rate,
+        a.min_transfer_rate_kib
+            .or(f.min_transfer_rate_kib)
+            .map(|kib| kib.saturating_mul(1024)),
+    );
+    set(
+        &mut config.shutdown_grace,
+        a.grace_s.or(f.grace_s).map(secs),
+    );
+    set(&mut config.access_log, a.access_log.or(f.access_log));
     f.access
         .validate()
         .map_err(anyhow::Error::msg)
         .context("the [access] policy")?;
     config.policy = f.access;
     Ok(config)
+}
+
+/// Replaces `target` with `value` when one was given.
+fn set<T>(target: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *target = v;
+    }
 }
 
 pub async fn run(a: ServeArgs) -> Result<()> {
