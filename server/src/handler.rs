@@ -201,7 +201,11 @@ pub(crate) async fn connection(
                 Ok((send, recv)) => {
                     let shared = shared.clone();
                     let conn_state = conn_state.clone();
-                    calls.spawn(async move { call(send, recv, &shared, &conn_state).await });
+                    // Boxed: the call's future is about 2 KB, and a task
+                    // is moved by value on its way into the runtime.
+                    calls.spawn(Box::pin(async move {
+                        call(send, recv, &shared, &conn_state).await;
+                    }));
                 }
                 Err(e) => {
                     tracing::info!(%remote, reason = %e, "connection closed");
