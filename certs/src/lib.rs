@@ -133,6 +133,12 @@ pub enum CertError {
         /// The URI given.
         uri: String,
     },
+    /// A revocation date a CRL cannot record (before year 0 or after 9999).
+    #[error("revocation date {at} cannot be written in a CRL (years 0 to 9999)")]
+    RevocationDate {
+        /// The date given.
+        at: OffsetDateTime,
+    },
     /// Files already exist and `force` was not given.
     #[error("refusing to overwrite existing files without --force: {}", paths_list(.paths))]
     Exists {
@@ -344,9 +350,24 @@ impl CertificateAuthority {
     /// certificates (each with its own revocation date); valid for `days`.
     ///
     /// # Errors
+    /// [`CertError::RevocationDate`] for a date outside years 0 to 9999;
     /// [`CertError::Rcgen`] if signing fails.
     pub fn crl(&self, revoked: &[Revocation], number: u64, days: i64) -> Result<String, CertError> {
         let now = OffsetDateTime::now_utc();
+        // The encoder picks UTCTime or GeneralizedTime by the year in the
+        // date's own offset and asserts on years it cannot write: dates go
+        // in as UTC, and unwritable ones are refused here.
+        let revoked = revoked
+            .iter()
+            .map(|r| {
+                let at = r.revoked_at.to_offset(time::UtcOffset::UTC);
+                if (0..=9999).contains(&at.year()) {
+                    Ok((r, at))
+                } else {
+                    Err(CertError::RevocationDate { at: r.revoked_at })
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let params = CertificateRevocationListParams {
             this_update: now - Duration::hours(1),
             next_update: now + Duration::days(days),
@@ -354,9 +375,9 @@ impl CertificateAuthority {
             issuing_distribution_point: None,
             revoked_certs: revoked
                 .iter()
-                .map(|r| RevokedCertParams {
+                .map(|(r, at)| RevokedCertParams {
                     serial_number: SerialNumber::from_slice(&r.serial),
-                    revocation_time: r.revoked_at,
+                    revocation_time: *at,
                     reason_code: Some(RevocationReason::KeyCompromise),
                     invalidity_date: None,
                 })
@@ -752,17 +773,41 @@ mod tests {
             let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).expect("pem");
             der.parse_x509().expect("x509").raw_serial().to_vec()
         };
-        // Bob was revoked long ago, by an earlier CRL of this CA.
-        let long_ago = OffsetDateTime::from_unix_timestamp(1_600_000_000).expect("date");
-        let earlier = Revocation {
-            serial: serial_of("bob"),
-            revoked_at: long_ago,
+        // Bob was revoked long ago, by an earlier CRL of this CA, beside two
+        // certificates dated on each side of UTCTime's range (1950-2049)
+        // and one given in another offset.
+        let date = |secs| OffsetDateTime::from_unix_timestamp(secs).expect("date");
+        let earlier = [
+            Revocation {
+                serial: serial_of("bob"),
+                revoked_at: date(1_600_000_000),
+            },
+            Revocation {
+                serial: vec![0x19, 0x60],
+                revoked_at: date(-300_000_000),
+            },
+            Revocation {
+                serial: vec![0x20, 0x60],
+                revoked_at: date(2_900_000_000),
+            },
+        ];
+        let eastern = Revocation {
+            serial: vec![0x20, 0x49],
+            // 2049-12-31 22:00 at UTC-5 is 2050 in UTC.
+            revoked_at: date(2_524_604_400)
+                .to_offset(time::UtcOffset::from_hms(-5, 0, 0).expect("offset")),
         };
-        fs::write(
-            pki.crl(),
-            ca.crl(std::slice::from_ref(&earlier), 7, 30).expect("crl"),
-        )
-        .expect("write");
+        let mut first = earlier.to_vec();
+        first.push(eastern.clone());
+        fs::write(pki.crl(), ca.crl(&first, 7, 30).expect("crl")).expect("write");
+        let unwritable = Revocation {
+            serial: vec![1],
+            revoked_at: date(-70_000_000_000),
+        };
+        assert!(matches!(
+            ca.crl(&[unwritable], 8, 30),
+            Err(CertError::RevocationDate { .. })
+        ));
 
         pki.revoke("alice").expect("revoke");
         let (revoked, number) = revoked_by(
@@ -772,8 +817,15 @@ mod tests {
         )
         .expect("the CRL is this CA's");
         assert!(number > 7);
-        assert_eq!(revoked.len(), 2);
-        assert!(revoked.contains(&earlier), "bob's date kept: {revoked:?}");
+        assert_eq!(revoked.len(), 5);
+        for kept in &earlier {
+            assert!(revoked.contains(kept), "{kept:?} kept: {revoked:?}");
+        }
+        let east = revoked
+            .iter()
+            .find(|r| r.serial == eastern.serial)
+            .expect("listed");
+        assert_eq!(east.revoked_at, eastern.revoked_at, "the same instant");
         let alice = revoked
             .iter()
             .find(|r| r.serial == serial_of("alice"))

@@ -310,7 +310,10 @@ pub async fn config(a: ServeArgs) -> Result<ServerConfig> {
             .or(f.address_validation)
             .map(Into::into),
     );
-    config.quic.keep_alive = a.keep_alive_s.or(f.keep_alive_s).map(secs);
+    set(
+        &mut config.quic.keep_alive,
+        a.keep_alive_s.or(f.keep_alive_s).map(|s| Some(secs(s))),
+    );
     set(
         &mut config.limits.max_payload_len,
         a.max_payload_mib.or(f.max_payload_mib).map(mib),
