@@ -170,7 +170,7 @@ impl Rounds {
     ) {
         let first = self.rounds == 0;
         self.rounds += 1;
-        self.recorder.merge(&out.recorder);
+        self.recorder.merge(out.recorder);
         self.elapsed += out.elapsed;
         self.interrupted |= out.interrupted;
         self.transport = match (first, self.transport, transport) {

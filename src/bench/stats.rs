@@ -218,8 +218,9 @@ impl Recorder {
         }
     }
 
-    /// Adds another recorder's calls (a later round of the same run).
-    pub fn merge(&mut self, other: &Recorder) {
+    /// Adds another recorder's calls (a later round of the same run),
+    /// taking its per-call parts rather than copying them.
+    pub fn merge(&mut self, other: Recorder) {
         for (mine, theirs) in [
             (&mut self.corrected, &other.corrected),
             (&mut self.uncorrected, &other.uncorrected),
@@ -232,9 +233,13 @@ impl Recorder {
                 }
             }
         }
-        self.parts.extend_from_slice(&other.parts);
+        if self.parts.is_empty() {
+            self.parts = other.parts;
+        } else {
+            self.parts.extend(other.parts);
+        }
         self.ok += other.ok;
-        for (code, n) in &other.errors {
+        for (code, n) in other.errors {
             *self.errors.entry(code).or_default() += n;
         }
         self.up += other.up;
@@ -435,7 +440,7 @@ mod tests {
         b.record(&call(300, Ok(())));
         b.record(&call(200, Ok(())));
         b.record(&call(0, Err("UNAVAILABLE")));
-        a.merge(&b);
+        a.merge(b);
         assert_eq!((a.ok(), a.errors()), (3, 2));
         assert_eq!(a.corrected().len(), 3);
         assert_eq!(a.uncorrected().max(), 300);
