@@ -247,7 +247,7 @@ impl Client {
             ConnectError::Bind(std::io::Error::other("not inside a tokio runtime"))
         })?;
         let mut endpoint =
-            quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+            quinn::Endpoint::new(config.quic.endpoint_config(), None, socket, runtime)
                 .map_err(ConnectError::Bind)?;
         endpoint.set_default_client_config(quic);
         let conn = dial(

@@ -234,7 +234,7 @@ impl Server {
         let runtime = quinn::default_runtime()
             .ok_or_else(|| bind_error(std::io::Error::other("not inside a tokio runtime")))?;
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            config.quic.endpoint_config(),
             Some(server_config.clone()),
             socket,
             runtime,

@@ -86,7 +86,7 @@ impl RawEchoServer {
         let config = tls::server_config(crypto, &QuicTuning::default())?;
         let (sock, _) = socket::bind_udp((Ipv4Addr::LOCALHOST, 0).into(), DEFAULT_BUFFER)?;
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            QuicTuning::default().endpoint_config(),
             Some(config),
             sock,
             runtime()?,
@@ -173,8 +173,12 @@ impl RawClient {
             &QuicTuning::default(),
         )?;
         let (sock, _) = socket::bind_udp((Ipv4Addr::UNSPECIFIED, 0).into(), DEFAULT_BUFFER)?;
-        let mut endpoint =
-            quinn::Endpoint::new(quinn::EndpointConfig::default(), None, sock, runtime()?)?;
+        let mut endpoint = quinn::Endpoint::new(
+            QuicTuning::default().endpoint_config(),
+            None,
+            sock,
+            runtime()?,
+        )?;
         endpoint.set_default_client_config(config);
         let conn = endpoint.connect(addr, "localhost")?.await?;
         Ok(Self {

@@ -467,9 +467,12 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         let stats = s.stats();
         let calls = stats.calls.load(std::sync::atomic::Ordering::Relaxed);
         let batches = stats.batches.load(std::sync::atomic::Ordering::Relaxed);
+        let created = stats
+            .buffers_created
+            .load(std::sync::atomic::Ordering::Relaxed);
         if batches > 0 {
             eprintln!(
-                "server GPU executor: {calls} calls in {batches} submissions ({:.1} calls per submission)",
+                "server GPU executor: {calls} calls in {batches} submissions ({:.1} calls per submission), {created} GPU buffers created",
                 calls as f64 / batches as f64
             );
         }

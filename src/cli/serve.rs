@@ -96,6 +96,10 @@ pub struct ServeArgs {
     /// Send QUIC keep-alives this often, seconds [default: none; clients send them].
     #[arg(long)]
     keep_alive_s: Option<u64>,
+    /// Largest UDP datagram accepted and probed for by MTU discovery, bytes,
+    /// 1200-6500; paths that carry less settle lower by themselves [default: 6500].
+    #[arg(long)]
+    max_udp_payload: Option<u16>,
     /// Largest request payload accepted, MiB [default: 256].
     #[arg(long)]
     max_payload_mib: Option<u64>,
@@ -146,6 +150,7 @@ struct FileConfig {
     handshake_timeout_s: Option<u64>,
     address_validation: Option<Validation>,
     keep_alive_s: Option<u64>,
+    max_udp_payload: Option<u16>,
     max_payload_mib: Option<u64>,
     max_streams: Option<u32>,
     request_timeout_s: Option<u64>,
@@ -314,6 +319,14 @@ pub async fn config(a: ServeArgs) -> Result<ServerConfig> {
         &mut config.quic.keep_alive,
         a.keep_alive_s.or(f.keep_alive_s).map(|s| Some(secs(s))),
     );
+    if let Some(bytes) = a.max_udp_payload.or(f.max_udp_payload) {
+        let max = quasar_transport::tls::MAX_UDP_PAYLOAD;
+        anyhow::ensure!(
+            (1200..=max).contains(&bytes),
+            "max_udp_payload {bytes} is outside 1200-{max} bytes"
+        );
+        config.quic.max_udp_payload = bytes;
+    }
     set(
         &mut config.limits.max_payload_len,
         a.max_payload_mib.or(f.max_payload_mib).map(mib),

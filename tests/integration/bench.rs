@@ -137,17 +137,18 @@ fn json_hgrm_and_plot_of_a_short_run_are_consistent() {
             );
         }
     }
-    // The QUIC traffic per call: 2,400 bytes up and 1,200 down take two
-    // datagrams up and one down (three and two while path MTU discovery
-    // has not yet raised quinn's initial 1,200-byte packets), for Quasar
-    // as for the raw echo; the in-process run has none.
+    // The QUIC traffic per call: 2,400 bytes up and 1,200 down take one
+    // datagram each way once path MTU discovery has raised quinn's initial
+    // 1,200-byte packets (to 6,500 bytes on loopback), and up to three and
+    // two before, plus acknowledgements, for Quasar as for the raw echo;
+    // the in-process run has none.
     for run in [&runs[0], &runs[2]] {
         let t = &run["transport"];
         let (up, down) = (
             f(t, "datagrams_up_per_call"),
             f(t, "datagrams_down_per_call"),
         );
-        assert!((2.0..=3.5).contains(&up), "{t}");
+        assert!((1.0..=3.5).contains(&up), "{t}");
         assert!((1.0..=2.5).contains(&down), "{t}");
         assert!(u(t, "rtt_us") > 0, "{t}");
         assert!(t["lost_packets"].is_u64(), "{t}");

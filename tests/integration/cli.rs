@@ -236,6 +236,7 @@ cert = "pki/server.pem"
 key = "pki/server.key"
 client_ca = "pki/ca.pem"
 queue_depth = 64
+max_udp_payload = 6000
 
 [access]
 default = "deny"
@@ -245,6 +246,26 @@ kernels = ["add"]
 "#,
     )
     .expect("config");
+    // A datagram size past what quinn's GSO batches allow is refused, not
+    // clamped: the flag wins over the file's valid 6000.
+    let mut refused = Command::new(BIN)
+        .args(["serve", "--config", config.to_str().expect("path")])
+        .args(["--max-udp-payload", "9000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn server");
+    let until = Instant::now() + Duration::from_secs(20);
+    while refused.try_wait().expect("wait").is_none() {
+        if Instant::now() > until {
+            let _ = refused.kill();
+            panic!("serve started with --max-udp-payload 9000");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = refused.wait_with_output().expect("output");
+    assert!(!out.status.success());
+    assert!(text(&out).contains("outside 1200-6500"), "{}", text(&out));
     let (server, addr, log, drain) = spawn_serve(&["--config", config.to_str().expect("path")]);
     assert!(log.contains("rules=1"), "{log}");
     let call = |who: &str| {

@@ -102,3 +102,37 @@ async fn a_small_call_is_one_packet_each_way_with_no_stop_sending() {
     client.close().await;
     server.stop().await;
 }
+
+/// Loopback carries 64 KiB datagrams, so MTU discovery should settle near
+/// Quasar's 6500-byte ceiling and a 1 MiB payload travel in about 160 datagrams
+/// rather than 720 of quinn's default 1452 bytes. A ceiling that made
+/// quinn's GSO batches exceed what Linux sends would show here as a black
+/// hole and a fall back to 1200-byte packets.
+#[tokio::test]
+async fn a_large_payload_travels_in_large_datagrams_over_loopback() {
+    let server = server_with(|_| {}).await;
+    let client = client(&server).await;
+    let data: Vec<u32> = (0..256 * 1024).collect();
+    client.ping().await.expect("warm-up");
+    crate::support::eventually("MTU discovery passes 6000 bytes", || {
+        client.connection_stats().path.current_mtu >= 6000
+    })
+    .await;
+    let before = client.connection_stats();
+    const CALLS: u64 = 8;
+    for _ in 0..CALLS {
+        let r = client
+            .execute(Call::new(ECHO_KERNEL).input("data", &data))
+            .await
+            .expect("echo");
+        assert!(r.output::<u32>("data").expect("data") == &data[..]);
+    }
+    let after = client.connection_stats();
+    assert_eq!(after.path.black_holes_detected, 0, "{:?}", after.path);
+    let sent = (after.udp_tx.datagrams - before.udp_tx.datagrams) / CALLS;
+    let received = (after.udp_rx.datagrams - before.udp_rx.datagrams) / CALLS;
+    assert!(sent <= 250, "{sent} datagrams sent per MiB");
+    assert!(received <= 250, "{received} datagrams received per MiB");
+    client.close().await;
+    server.stop().await;
+}
