@@ -42,6 +42,7 @@ impl Target {
         };
         let mut sum = TransportCounts {
             reconnects,
+            mtu: stats.iter().map(|s| s.path.current_mtu).min().unwrap_or(0),
             ..TransportCounts::default()
         };
         for s in &stats {
@@ -74,6 +75,9 @@ pub struct TransportCounts {
     pub lost_packets: u64,
     /// The current round-trip estimate (the largest over the connections).
     pub rtt: Duration,
+    /// The largest UDP payload the client sends now, as MTU discovery left
+    /// it (the smallest over the connections).
+    pub mtu: u16,
     /// Reconnections so far: counters start again on a new connection, so
     /// two snapshots are comparable only if this did not change.
     pub reconnects: u64,
@@ -81,25 +85,27 @@ pub struct TransportCounts {
 
 impl TransportCounts {
     /// What was counted between `before` and this snapshot (the round-trip
-    /// estimate is this snapshot's).
+    /// estimate and MTU are this snapshot's).
     pub fn since(self, before: Self) -> Self {
         Self {
             datagrams_up: self.datagrams_up.saturating_sub(before.datagrams_up),
             datagrams_down: self.datagrams_down.saturating_sub(before.datagrams_down),
             lost_packets: self.lost_packets.saturating_sub(before.lost_packets),
             rtt: self.rtt,
+            mtu: self.mtu,
             reconnects: self.reconnects.saturating_sub(before.reconnects),
         }
     }
 
-    /// Two periods' counts together (the round-trip estimate is the later
-    /// one's).
+    /// Two periods' counts together (the round-trip estimate and MTU are
+    /// the later one's).
     pub fn plus(self, later: Self) -> Self {
         Self {
             datagrams_up: self.datagrams_up + later.datagrams_up,
             datagrams_down: self.datagrams_down + later.datagrams_down,
             lost_packets: self.lost_packets + later.lost_packets,
             rtt: later.rtt,
+            mtu: later.mtu,
             reconnects: self.reconnects + later.reconnects,
         }
     }
@@ -527,16 +533,17 @@ mod tests {
 
     #[test]
     fn transport_counts_add_up_over_rounds() {
-        let at = |up, down, lost, rtt_us| TransportCounts {
+        let at = |up, down, lost, rtt_us, mtu| TransportCounts {
             datagrams_up: up,
             datagrams_down: down,
             lost_packets: lost,
             rtt: Duration::from_micros(rtt_us),
+            mtu,
             reconnects: 0,
         };
-        let first = at(110, 60, 1, 90).since(at(10, 5, 0, 80));
-        let second = at(400, 300, 4, 70).since(at(300, 250, 3, 100));
+        let first = at(110, 60, 1, 90, 1452).since(at(10, 5, 0, 80, 1200));
+        let second = at(400, 300, 4, 70, 6480).since(at(300, 250, 3, 100, 1452));
         let sum = first.plus(second);
-        assert_eq!(sum, at(200, 105, 2, 70));
+        assert_eq!(sum, at(200, 105, 2, 70, 6480));
     }
 }

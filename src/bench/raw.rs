@@ -66,12 +66,14 @@ fn runtime() -> Result<Arc<dyn quinn::Runtime>, RawError> {
 }
 
 impl RawEchoServer {
-    /// Starts an echo server whose certificate is issued by `ca` and which
-    /// accepts clients whose certificates `ca` issued.
+    /// Starts an echo server whose certificate is issued by `ca`, which
+    /// accepts clients whose certificates `ca` issued, with the QUIC
+    /// `tuning` the Quasar server under test has (a floor measured with
+    /// other settings would not be one).
     ///
     /// # Errors
     /// [`RawError`] if certificates or the socket cannot be set up.
-    pub async fn start(ca: &CertificateAuthority) -> Result<Self, RawError> {
+    pub async fn start(ca: &CertificateAuthority, tuning: &QuicTuning) -> Result<Self, RawError> {
         let id = ca.issue_server(
             &["localhost".into()],
             &[Ipv4Addr::LOCALHOST.into()],
@@ -83,14 +85,10 @@ impl RawEchoServer {
             tls::roots_from_pem(ca.cert_pem().as_bytes())?,
             Vec::new(),
         )?;
-        let config = tls::server_config(crypto, &QuicTuning::default())?;
+        let config = tls::server_config(crypto, tuning)?;
         let (sock, _) = socket::bind_udp((Ipv4Addr::LOCALHOST, 0).into(), DEFAULT_BUFFER)?;
-        let endpoint = quinn::Endpoint::new(
-            QuicTuning::default().endpoint_config(),
-            Some(config),
-            sock,
-            runtime()?,
-        )?;
+        let endpoint =
+            quinn::Endpoint::new(tuning.endpoint_config(), Some(config), sock, runtime()?)?;
         let addr = endpoint.local_addr()?;
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -160,25 +158,25 @@ pub struct RawClient {
 }
 
 impl RawClient {
-    /// Connects to `addr` with a fresh client certificate from `ca`.
+    /// Connects to `addr` with a fresh client certificate from `ca` and the
+    /// QUIC `tuning` of the SDK's connections.
     ///
     /// # Errors
     /// [`RawError`] if the handshake fails.
-    pub async fn connect(addr: SocketAddr, ca: &CertificateAuthority) -> Result<Self, RawError> {
+    pub async fn connect(
+        addr: SocketAddr,
+        ca: &CertificateAuthority,
+        tuning: &QuicTuning,
+    ) -> Result<Self, RawError> {
         let id = ca.issue_client("raw-echo", Validity::default())?;
         let config = tls::client_config(
             tls::roots_from_pem(ca.cert_pem().as_bytes())?,
             tls::certs_from_pem(id.cert_pem.as_bytes(), "client certificate")?,
             tls::key_from_pem(id.key_pem.as_bytes())?,
-            &QuicTuning::default(),
+            tuning,
         )?;
         let (sock, _) = socket::bind_udp((Ipv4Addr::UNSPECIFIED, 0).into(), DEFAULT_BUFFER)?;
-        let mut endpoint = quinn::Endpoint::new(
-            QuicTuning::default().endpoint_config(),
-            None,
-            sock,
-            runtime()?,
-        )?;
+        let mut endpoint = quinn::Endpoint::new(tuning.endpoint_config(), None, sock, runtime()?)?;
         endpoint.set_default_client_config(config);
         let conn = endpoint.connect(addr, "localhost")?.await?;
         Ok(Self {

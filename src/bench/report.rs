@@ -92,6 +92,9 @@ pub struct TransportJson {
     pub lost_packets: u64,
     /// QUIC's round-trip estimate at the end of the run, microseconds.
     pub rtt_us: u64,
+    /// The largest UDP payload the client sent at the end of the run, as
+    /// MTU discovery left it, bytes.
+    pub mtu: u16,
 }
 
 impl TransportJson {
@@ -107,6 +110,7 @@ impl TransportJson {
             datagrams_down_per_call: per_call(counts.datagrams_down),
             lost_packets: counts.lost_packets,
             rtt_us: u64::try_from(counts.rtt.as_micros()).unwrap_or(u64::MAX),
+            mtu: counts.mtu,
         })
     }
 }
@@ -282,11 +286,12 @@ pub fn print_table(report: &Report, out: &mut impl Write) -> std::io::Result<()>
         if let Some(t) = &run.transport {
             writeln!(
                 out,
-                "  transport: {:.2} datagrams up, {:.2} down per call; {} lost; rtt {}",
+                "  transport: {:.2} datagrams up, {:.2} down per call; {} lost; rtt {}; mtu {}",
                 t.datagrams_up_per_call,
                 t.datagrams_down_per_call,
                 t.lost_packets,
-                us(t.rtt_us as f64)
+                us(t.rtt_us as f64),
+                t.mtu
             )?;
         }
         if !s.breakdown_us.is_empty() && run.target != "raw" {

@@ -19,6 +19,7 @@ use quasar_client::{Call, CallError, Client, ClientConfig, ConnectError, ECHO_KE
 use quasar_server::GpuConfig;
 use quasar_server::local::LocalDispatcher;
 use quasar_shaders::{SHIPPED, Sample, sample::seeded};
+use quasar_transport::tls::{self, QuicTuning};
 use tokio_util::sync::CancellationToken;
 
 use super::call::{input, parse_arg};
@@ -128,6 +129,13 @@ pub struct BenchArgs {
     /// Seed for random inputs.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Largest UDP datagram in bytes, 1200-6500, for the SDK's connections,
+    /// the --embedded server and the --compare-raw echo alike (as `quasar
+    /// serve --max-udp-payload`) [default: 6500].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(
+        i64::from(tls::MIN_UDP_PAYLOAD)..=i64::from(tls::MAX_UDP_PAYLOAD)
+    ))]
+    max_udp_payload: Option<u16>,
 }
 
 /// A connection failure as one line saying what and what to do.
@@ -224,19 +232,26 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         timestamps: a.gpu_timestamps.into(),
         ..GpuConfig::default()
     };
+    let tuning = QuicTuning {
+        max_udp_payload: a.max_udp_payload.unwrap_or(tls::MAX_UDP_PAYLOAD),
+        ..QuicTuning::default()
+    };
     let mut embedded = None;
     let (clients, server_label, server_is_loopback) = if a.embedded {
         let dir = a.kernels.clone();
         let timestamps = a.gpu_timestamps.into();
+        let server_tuning = tuning.clone();
         let server = EmbeddedServer::start(move |c| {
             c.gpu.kernel_dir = dir;
             c.gpu.timestamps = timestamps;
             // The bench decides the load; let the GPU queue hold all of it.
             c.gpu.queue_depth = 4096;
+            c.quic.max_udp_payload = server_tuning.max_udp_payload;
         })
         .await
         .context("starting the embedded server")?;
-        let config = server.client_config("bench")?;
+        let mut config = server.client_config("bench")?;
+        config.quic.max_udp_payload = tuning.max_udp_payload;
         let clients = connect_all(&config, a.connections).await?;
         let label = format!("embedded {} on {}", server.addr(), server.adapter());
         embedded = Some(server);
@@ -253,6 +268,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
             .await
             .context("reading the certificates")?;
         config.connect_timeout = Duration::from_secs(5);
+        config.quic.max_udp_payload = tuning.max_udp_payload;
         let clients = connect_all(&config, a.connections).await?;
         (clients, server.to_string(), server.ip().is_loopback())
     };
@@ -341,13 +357,13 @@ pub async fn run(a: BenchArgs) -> Result<()> {
             );
         }
         let ca = CertificateAuthority::generate("Quasar bench echo CA")?;
-        let server = RawEchoServer::start(&ca)
+        let server = RawEchoServer::start(&ca, &tuning)
             .await
             .context("starting the raw echo server")?;
         let mut raw_clients = Vec::new();
         for _ in 0..a.connections {
             raw_clients.push(
-                RawClient::connect(server.addr(), &ca)
+                RawClient::connect(server.addr(), &ca, &tuning)
                     .await
                     .context("connecting to the raw echo server")?,
             );

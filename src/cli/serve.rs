@@ -320,10 +320,10 @@ pub async fn config(a: ServeArgs) -> Result<ServerConfig> {
         a.keep_alive_s.or(f.keep_alive_s).map(|s| Some(secs(s))),
     );
     if let Some(bytes) = a.max_udp_payload.or(f.max_udp_payload) {
-        let max = quasar_transport::tls::MAX_UDP_PAYLOAD;
+        use quasar_transport::tls::{MAX_UDP_PAYLOAD as MAX, MIN_UDP_PAYLOAD as MIN};
         anyhow::ensure!(
-            (1200..=max).contains(&bytes),
-            "max_udp_payload {bytes} is outside 1200-{max} bytes"
+            (MIN..=MAX).contains(&bytes),
+            "--max-udp-payload (or `max_udp_payload` in --config) {bytes} is outside {MIN}-{MAX} bytes"
         );
         config.quic.max_udp_payload = bytes;
     }

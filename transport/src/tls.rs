@@ -54,8 +54,9 @@ pub enum TlsError {
     Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
 }
 
-/// QUIC's smallest allowed UDP payload (RFC 9000, section 14).
-const MIN_UDP_PAYLOAD: u16 = 1200;
+/// QUIC's smallest allowed UDP payload (RFC 9000, section 14): the least
+/// [`QuicTuning::max_udp_payload`].
+pub const MIN_UDP_PAYLOAD: u16 = 1200;
 
 /// QUIC transport parameters shared by both sides.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,27 +74,42 @@ pub struct QuicTuning {
     /// Send keep-alives this often (the client does, so idle connections live).
     pub keep_alive: Option<Duration>,
     /// Largest UDP payload, in bytes, that we accept and that MTU discovery
-    /// probes the path for; values are clamped to 1200..=[`MAX_UDP_PAYLOAD`].
+    /// probes the path for; values are clamped to
+    /// [`MIN_UDP_PAYLOAD`]..=[`MAX_UDP_PAYLOAD`].
+    ///
     /// Each side discovers its own direction and never exceeds what the
-    /// peer said it accepts, so a path with a 1500-byte MTU settles at
-    /// about 1452 whatever this says.
+    /// peer said it accepts, so the smaller of the two sides' values bounds
+    /// both directions, and a path with a 1500-byte MTU settles near 1452-1472
+    /// bytes whatever this says (after a few more lost probes than with
+    /// quinn's 1452 ceiling, once per discovery run, every 10 minutes).
+    ///
+    /// Memory: quinn sizes each endpoint's receive buffer as this times its
+    /// batch of 32 datagrams times up to 64 GRO segments, about 13 MiB at
+    /// 6500 bytes (3 MiB at 1472), of which pages are touched as datagrams
+    /// land in them. Each [`quinn::Endpoint`] (one per SDK client) has one.
     pub max_udp_payload: u16,
 }
 
 /// The default and largest [`QuicTuning::max_udp_payload`]: 6500 bytes.
 ///
-/// Why raise quinn's 1452: on loopback (MTU 64 KiB) and jumbo-frame
-/// links, fewer and larger packets cut QUIC's per-packet work (headers,
-/// header protection, acknowledgements, syscalls), which dominates bulk
-/// transfers: it about doubles a 1 MiB echo's throughput on loopback
-/// (BENCHMARKS.md, target 5).
+/// Why raise quinn's defaults (accept 1472, probe up to 1452): on loopback
+/// (MTU 64 KiB) and jumbo-frame links, fewer and larger packets cut QUIC's
+/// per-packet work (headers, header protection, acknowledgements,
+/// syscalls), which dominates bulk transfers: it about doubles a 1 MiB
+/// echo's throughput on loopback (BENCHMARKS.md, target 5).
 ///
-/// Why no higher: quinn sends up to 10 packets as one GSO batch, and
-/// Linux refuses a UDP send over 64 KiB; quinn-udp drops such a batch
-/// silently (it takes the error for a failed MTU probe), loss detection
-/// then judges the path a black hole and falls back to 1200-byte packets
-/// for good. 10 x 6500 stays under 65,507 bytes with room to spare.
+/// Why no higher (checked against quinn 0.11.12 and quinn-udp 0.5.16):
+/// quinn sends up to 10 packets as one GSO batch, Linux refuses a UDP send
+/// over 65,507 bytes, and quinn-udp drops such a batch silently (it takes
+/// the error for a failed MTU probe). Loss detection then judges the path
+/// a black hole and falls back to 1200-byte packets, and again each time a
+/// later discovery run climbs back. 10 x 6500 stays under 65,507 bytes; the
+/// test `a_large_payload_travels_in_large_datagrams_over_loopback` catches
+/// a quinn that batches more.
 pub const MAX_UDP_PAYLOAD: u16 = 6500;
+
+// quinn's GSO batches of up to 10 full packets must stay sendable.
+const _: () = assert!(10 * (MAX_UDP_PAYLOAD as u32) <= 65_507);
 
 impl Default for QuicTuning {
     fn default() -> Self {
@@ -361,8 +377,5 @@ mod tests {
                 "asked for {asked}"
             );
         }
-        // quinn sends up to 10 packets in one GSO batch; Linux refuses
-        // a UDP send over 65,507 bytes.
-        assert!(10 * u32::from(MAX_UDP_PAYLOAD) <= 65_507);
     }
 }
