@@ -32,6 +32,10 @@ fn bench(args: &[&str]) -> String {
     text
 }
 
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("json file")).expect("valid JSON")
+}
+
 fn u(v: &Value, key: &str) -> u64 {
     v[key]
         .as_u64()
@@ -94,8 +98,7 @@ fn json_hgrm_and_plot_of_a_short_run_are_consistent() {
     ]);
     assert!(text.contains("the price of remote"), "{text}");
 
-    let doc: Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("valid JSON");
+    let doc = read_json(&json);
     assert_eq!(doc["schema"], 1);
     // x and y of 300 f32 each; 1200 is a multiple of the 16-byte alignment.
     assert_eq!(u(&doc, "request_bytes"), 2 * 300 * 4);
@@ -233,8 +236,7 @@ fn main() {
         "--json",
         json.to_str().expect("path"),
     ]);
-    let doc: Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("valid JSON");
+    let doc = read_json(&json);
     let run = &doc["runs"][0];
     assert_eq!(run["load"]["mode"], "open");
     let corrected = &run["latency_us"];
@@ -403,8 +405,7 @@ fn the_datagram_ceiling_applies_to_remote_and_raw_alike() {
         "--json",
         json.to_str().expect("path"),
     ]);
-    let doc: Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("parse");
+    let doc = read_json(&json);
     let runs = doc["runs"].as_array().expect("runs");
     assert_eq!(runs.len(), 2, "{doc}");
     for run in runs {
