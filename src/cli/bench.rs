@@ -240,18 +240,18 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     let (clients, server_label, server_is_loopback) = if a.embedded {
         let dir = a.kernels.clone();
         let timestamps = a.gpu_timestamps.into();
-        let server_tuning = tuning.clone();
+        let max_udp_payload = tuning.max_udp_payload;
         let server = EmbeddedServer::start(move |c| {
             c.gpu.kernel_dir = dir;
             c.gpu.timestamps = timestamps;
             // The bench decides the load; let the GPU queue hold all of it.
             c.gpu.queue_depth = 4096;
-            c.quic.max_udp_payload = server_tuning.max_udp_payload;
+            c.quic.max_udp_payload = max_udp_payload;
         })
         .await
         .context("starting the embedded server")?;
         let mut config = server.client_config("bench")?;
-        config.quic.max_udp_payload = tuning.max_udp_payload;
+        config.quic.max_udp_payload = max_udp_payload;
         let clients = connect_all(&config, a.connections).await?;
         let label = format!("embedded {} on {}", server.addr(), server.adapter());
         embedded = Some(server);
