@@ -373,6 +373,7 @@ pub async fn run(a: ServeArgs) -> Result<()> {
     let hup = hangup();
     let config = config(a.clone()).await?;
     let rules = config.policy.rules.len();
+    let max_udp_payload = config.quic.max_udp_payload;
     let server = Server::bind(config).await.context("starting the server")?;
     tracing::info!(adapter = %server.adapter(), "GPU adapter");
     for k in server.kernels() {
@@ -387,7 +388,11 @@ pub async fn run(a: ServeArgs) -> Result<()> {
             "small UDP receive buffer: large calls will see packet loss; raise net.core.rmem_max and net.core.wmem_max (see README)"
         );
     }
-    tracing::info!(addr = %server.local_addr()?, "listening (QUIC, mutual TLS, ALPN quasar/1)");
+    tracing::info!(
+        addr = %server.local_addr()?,
+        max_udp_payload,
+        "listening (QUIC, mutual TLS, ALPN quasar/1)"
+    );
     let reloads = tokio::spawn(reload_on_sighup(a, server.reloader(), hup));
     server.serve_until(shutdown_signal()).await;
     reloads.abort();

@@ -268,6 +268,7 @@ kernels = ["add"]
     assert!(text(&out).contains("outside 1200-6500"), "{}", text(&out));
     let (server, addr, log, drain) = spawn_serve(&["--config", config.to_str().expect("path")]);
     assert!(log.contains("rules=1"), "{log}");
+    assert!(log.contains("max_udp_payload=6000"), "{log}");
     let call = |who: &str| {
         quasar(&[
             "call",
