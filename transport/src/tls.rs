@@ -85,8 +85,10 @@ pub struct QuicTuning {
     ///
     /// Memory: quinn sizes each endpoint's receive buffer as this times its
     /// batch of 32 datagrams times up to 64 GRO segments, about 13 MiB at
-    /// 6500 bytes (3 MiB at 1472), of which pages are touched as datagrams
-    /// land in them. Each [`quinn::Endpoint`] (one per SDK client) has one.
+    /// 6500 bytes (3 MiB at 1472), of which only the pages datagrams land
+    /// in are touched: a server's peak and idle RSS measured the same at
+    /// both sizes (BENCHMARKS.md, target 7). Each [`quinn::Endpoint`] (one
+    /// per SDK client) has one.
     pub max_udp_payload: u16,
 }
 
