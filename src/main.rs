@@ -41,7 +41,7 @@ enum Command {
     #[command(subcommand)]
     Certs(cli::certs::CertsCommand),
     /// Serve calls over QUIC with mutual TLS.
-    Serve(cli::serve::ServeArgs),
+    Serve(Box<cli::serve::ServeArgs>),
     /// Make one call and print (or write) its outputs.
     Call(cli::call::CallArgs),
     /// List the GPU adapters wgpu sees, with their limits.
@@ -96,7 +96,7 @@ fn run() -> Result<()> {
         match cli.command {
             Command::Demo(a) => cli::demo::run(a).await,
             Command::Certs(c) => cli::certs::run(c).await,
-            Command::Serve(a) => cli::serve::run(a).await,
+            Command::Serve(a) => cli::serve::run(*a).await,
             Command::Call(a) => cli::call::run(a).await,
             Command::Info(a) => cli::info::run(a).await,
             Command::Bench(a) => cli::bench::run(*a).await,

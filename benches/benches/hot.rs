@@ -10,6 +10,7 @@
 
 use std::hint::black_box;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -35,8 +36,8 @@ fn fair_queue(c: &mut Criterion) {
             for i in 0..64u64 {
                 let _ = q.try_push(i % 8, Job(4096));
             }
-            match q.next_blocking(64, u64::MAX) {
-                Some(Next::Jobs(jobs)) => black_box(jobs.len()),
+            match q.next_blocking(64, u64::MAX, Duration::ZERO) {
+                Some((Next::Jobs(jobs), _)) => black_box(jobs.len()),
                 _ => unreachable!("64 jobs were queued"),
             }
         });

@@ -46,7 +46,10 @@ use tokio_util::task::TaskTracker;
 
 pub use access::{Identity, Policy};
 pub use admission::{AddressValidation, AdmissionLimits, ConnectionStats};
-pub use gpu::executor::{ExecutorControl, ExecutorStats, GpuConfig, Registry, Timestamping};
+pub use gpu::executor::{
+    DEFAULT_IDLE_SPIN, ExecutorControl, ExecutorStats, GpuConfig, MAX_IDLE_SPIN, Registry,
+    Timestamping,
+};
 pub use gpu::{AdapterReport, AdapterSummary, GpuError, list_adapters};
 pub use kernel::KernelInterface;
 

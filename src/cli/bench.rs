@@ -16,8 +16,8 @@ use quasar::embedded::EmbeddedServer;
 use quasar::samples::{call_for, host_outputs};
 use quasar_certs::CertificateAuthority;
 use quasar_client::{Call, CallError, Client, ClientConfig, ConnectError, ECHO_KERNEL, StatusCode};
-use quasar_server::GpuConfig;
 use quasar_server::local::LocalDispatcher;
+use quasar_server::{GpuConfig, MAX_IDLE_SPIN};
 use quasar_shaders::{SHIPPED, Sample, sample::seeded};
 use quasar_transport::tls::{self, QuicTuning};
 use tokio_util::sync::CancellationToken;
@@ -126,6 +126,13 @@ pub struct BenchArgs {
     /// `quasar serve --gpu-timestamps`.
     #[arg(long, value_enum, default_value_t = super::serve::Timestamps::Auto)]
     gpu_timestamps: super::serve::Timestamps,
+    /// --embedded and --compare-local: how long the GPU thread spins for the
+    /// next call before it sleeps, microseconds, as `quasar serve
+    /// --gpu-idle-spin-us`, at most 10000 [default: 150; 0 on one CPU].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(
+        0..=u64::try_from(MAX_IDLE_SPIN.as_micros()).unwrap_or(u64::MAX)
+    ))]
+    gpu_idle_spin_us: Option<u64>,
     /// Seed for random inputs.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -227,9 +234,13 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     }
 
     // The server and its clients.
+    let idle_spin = a
+        .gpu_idle_spin_us
+        .map_or_else(|| GpuConfig::default().idle_spin, Duration::from_micros);
     let gpu = GpuConfig {
         kernel_dir: a.kernels.clone(),
         timestamps: a.gpu_timestamps.into(),
+        idle_spin,
         ..GpuConfig::default()
     };
     let tuning = QuicTuning {
@@ -244,6 +255,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         let server = EmbeddedServer::start(move |c| {
             c.gpu.kernel_dir = dir;
             c.gpu.timestamps = timestamps;
+            c.gpu.idle_spin = idle_spin;
             // The bench decides the load; let the GPU queue hold all of it.
             c.gpu.queue_depth = 4096;
             c.quic.max_udp_payload = max_udp_payload;
@@ -486,9 +498,11 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         let created = stats
             .buffers_created
             .load(std::sync::atomic::Ordering::Relaxed);
+        let spun = stats.waits_spun.load(std::sync::atomic::Ordering::Relaxed);
+        let slept = stats.waits_slept.load(std::sync::atomic::Ordering::Relaxed);
         if batches > 0 {
             eprintln!(
-                "server GPU executor: {calls} calls in {batches} submissions ({:.1} calls per submission), {created} GPU buffers created",
+                "server GPU executor: {calls} calls in {batches} submissions ({:.1} calls per submission), {created} GPU buffers created; the GPU thread found work while spinning {spun} times, was woken from sleep {slept} times",
                 calls as f64 / batches as f64
             );
         }

@@ -122,6 +122,13 @@ pub struct ServeArgs {
     /// on CPU adapters like lavapipe (where they cost ~140 us per call) [default: auto].
     #[arg(long, value_enum)]
     gpu_timestamps: Option<Timestamps>,
+    /// When the GPU runs out of work, how long its thread spins for the next
+    /// call before it sleeps, microseconds: a call that comes meanwhile
+    /// starts without waiting for a wake-up, at the price of up to this much
+    /// CPU time after each submission (0: sleep at once; at most 10000)
+    /// [default: 150; 0 on a host with one CPU].
+    #[arg(long)]
+    gpu_idle_spin_us: Option<u64>,
     /// Log every call (identity, kernel, status, time) at info level [default: true].
     #[arg(long)]
     access_log: Option<bool>,
@@ -158,6 +165,7 @@ struct FileConfig {
     idle_timeout_s: Option<u64>,
     grace_s: Option<u64>,
     gpu_timestamps: Option<Timestamps>,
+    gpu_idle_spin_us: Option<u64>,
     access_log: Option<bool>,
     #[serde(default)]
     access: Policy,
@@ -281,6 +289,14 @@ pub async fn config(a: ServeArgs) -> Result<ServerConfig> {
         &mut config.gpu.timestamps,
         a.gpu_timestamps.or(f.gpu_timestamps).map(Into::into),
     );
+    if let Some(us) = a.gpu_idle_spin_us.or(f.gpu_idle_spin_us) {
+        let most = quasar_server::MAX_IDLE_SPIN.as_micros();
+        anyhow::ensure!(
+            u128::from(us) <= most,
+            "--gpu-idle-spin-us (or `gpu_idle_spin_us` in --config) {us} is more than {most} us"
+        );
+        config.gpu.idle_spin = Duration::from_micros(us);
+    }
     set(
         &mut config.max_inflight_bytes,
         a.max_inflight_mib.or(f.max_inflight_mib).map(mib),
@@ -374,8 +390,9 @@ pub async fn run(a: ServeArgs) -> Result<()> {
     let config = config(a.clone()).await?;
     let rules = config.policy.rules.len();
     let max_udp_payload = config.quic.max_udp_payload;
+    let gpu_idle_spin_us = config.gpu.idle_spin.as_micros();
     let server = Server::bind(config).await.context("starting the server")?;
-    tracing::info!(adapter = %server.adapter(), "GPU adapter");
+    tracing::info!(adapter = %server.adapter(), gpu_idle_spin_us, "GPU adapter");
     for k in server.kernels() {
         tracing::info!(kernel = %k.name, interface = %k.signature(), "kernel loaded");
     }

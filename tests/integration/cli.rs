@@ -237,6 +237,7 @@ key = "pki/server.key"
 client_ca = "pki/ca.pem"
 queue_depth = 64
 max_udp_payload = 6000
+gpu_idle_spin_us = 40
 
 [access]
 default = "deny"
@@ -246,29 +247,36 @@ kernels = ["add"]
 "#,
     )
     .expect("config");
-    // A datagram size past what quinn's GSO batches allow is refused, not
-    // clamped: the flag wins over the file's valid 6000.
-    let mut refused = Command::new(BIN)
-        .args(["serve", "--config", config.to_str().expect("path")])
-        .args(["--max-udp-payload", "9000"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn server");
-    let until = Instant::now() + Duration::from_secs(20);
-    while refused.try_wait().expect("wait").is_none() {
-        if Instant::now() > until {
-            let _ = refused.kill();
-            panic!("serve started with --max-udp-payload 9000");
+    // A datagram size past what quinn's GSO batches allow, and a GPU spin
+    // longer than sleeping would cost, are refused, not clamped: the flag
+    // wins over the file's valid value.
+    for (flag, value, says) in [
+        ("--max-udp-payload", "9000", "outside 1200-6500"),
+        ("--gpu-idle-spin-us", "20000", "more than 10000 us"),
+    ] {
+        let mut refused = Command::new(BIN)
+            .args(["serve", "--config", config.to_str().expect("path")])
+            .args([flag, value])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn server");
+        let until = Instant::now() + Duration::from_secs(20);
+        while refused.try_wait().expect("wait").is_none() {
+            if Instant::now() > until {
+                let _ = refused.kill();
+                panic!("serve started with {flag} {value}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        std::thread::sleep(Duration::from_millis(50));
+        let out = refused.wait_with_output().expect("output");
+        assert!(!out.status.success());
+        assert!(text(&out).contains(says), "{}", text(&out));
     }
-    let out = refused.wait_with_output().expect("output");
-    assert!(!out.status.success());
-    assert!(text(&out).contains("outside 1200-6500"), "{}", text(&out));
     let (server, addr, log, drain) = spawn_serve(&["--config", config.to_str().expect("path")]);
     assert!(log.contains("rules=1"), "{log}");
     assert!(log.contains("max_udp_payload=6000"), "{log}");
+    assert!(log.contains("gpu_idle_spin_us=40"), "{log}");
     let call = |who: &str| {
         quasar(&[
             "call",

@@ -167,3 +167,56 @@ async fn payload_bytes_are_copied_once_each_way_on_the_server() {
     assert_eq!(stats.bytes_copied_out.load(Ordering::Relaxed), returned);
     server.stop().await;
 }
+
+/// Sequential calls from one client: with a spin longer than a loopback
+/// round trip, the GPU thread finds most calls while it spins and sleeps
+/// rarely; with none, it never spins and sleeps between calls. Either way
+/// every result is right.
+#[tokio::test]
+async fn the_gpu_thread_spins_for_the_next_call_as_configured() {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    for spin in [Duration::from_millis(10), Duration::ZERO] {
+        let server = server_with(|c| c.gpu.idle_spin = spin).await;
+        let client = client(&server).await;
+        let x: Vec<f32> = (0..1024).map(|i| i as f32).collect();
+        let y = vec![1.0f32; 1024];
+        let want = reference::saxpy(3.0, &x, &y);
+        let call = || {
+            Call::new("saxpy")
+                .arg("a", 3.0f32)
+                .input("x", &x)
+                .input("y", &y)
+        };
+        client.execute(call()).await.expect("warm-up");
+        let stats = server.stats();
+        let before = (
+            stats.waits_spun.load(Ordering::Relaxed),
+            stats.waits_slept.load(Ordering::Relaxed),
+        );
+        for _ in 0..50 {
+            let r = client.execute(call()).await.expect("call");
+            assert_eq!(r.output::<f32>("y").expect("y"), want);
+        }
+        let spun = stats.waits_spun.load(Ordering::Relaxed) - before.0;
+        let slept = stats.waits_slept.load(Ordering::Relaxed) - before.1;
+        if spin.is_zero() {
+            assert_eq!(spun, 0, "the GPU thread spun with idle_spin 0");
+            // Not one per call: a debug build's GPU thread may still be
+            // tidying up after a reply when the next call arrives.
+            assert!(
+                slept > 0,
+                "50 sequential calls and the GPU thread never slept"
+            );
+        } else {
+            // A round trip on a loaded machine may now and then outlast
+            // 10 ms; most do not.
+            assert!(
+                spun > slept,
+                "50 sequential calls: {spun} found while spinning, {slept} after sleeping"
+            );
+        }
+        server.stop().await;
+    }
+}

@@ -43,7 +43,7 @@ use tokio::sync::oneshot;
 
 use super::pool::{BufferPool, PoolKind};
 pub use super::sched::SubmitError;
-use super::sched::{FairQueue, Next, Queued};
+use super::sched::{FairQueue, Next, Queued, Waited};
 use super::{AdapterSummary, GpuError, choose_adapter};
 use crate::budget::Share;
 use crate::kernel::plan::{CallPlan, DeviceCaps};
@@ -74,6 +74,13 @@ pub struct GpuConfig {
     pub max_pooled_bytes: u64,
     /// Whether to time each compute pass with GPU timestamp queries.
     pub timestamps: Timestamping,
+    /// How long the GPU thread spins, watching the queue, before it
+    /// sleeps when it runs out of work. A call that arrives meanwhile
+    /// starts at once instead of waiting for the thread (and, on hosts
+    /// whose idle CPUs halt, its CPU) to wake up; the price is up to this
+    /// much CPU time after each submission when no call follows. Zero
+    /// sleeps at once; more than [`MAX_IDLE_SPIN`] counts as that.
+    pub idle_spin: Duration,
 }
 
 /// When to time compute passes with GPU timestamp queries (where the
@@ -90,6 +97,17 @@ pub enum Timestamping {
     Off,
 }
 
+/// The GPU thread's default [`GpuConfig::idle_spin`] on a host with more
+/// than one CPU: long enough to catch the next call of a client calling in
+/// a loop over loopback or a LAN, short enough that a lone call costs
+/// little (BENCHMARKS.md, "GPU thread idle spin"). With one CPU the spin
+/// would hold the CPU the next call needs, so the default there is zero.
+pub const DEFAULT_IDLE_SPIN: Duration = Duration::from_micros(150);
+
+/// The longest [`GpuConfig::idle_spin`] honoured: past a few milliseconds,
+/// sleeping costs less than the CPU time spun.
+pub const MAX_IDLE_SPIN: Duration = Duration::from_millis(10);
+
 impl Default for GpuConfig {
     fn default() -> Self {
         Self {
@@ -102,6 +120,11 @@ impl Default for GpuConfig {
             poll_timeout: Duration::from_secs(60),
             max_pooled_bytes: 512 * 1024 * 1024,
             timestamps: Timestamping::Auto,
+            idle_spin: if std::thread::available_parallelism().map_or(1, usize::from) > 1 {
+                DEFAULT_IDLE_SPIN
+            } else {
+                Duration::ZERO
+            },
         }
     }
 }
@@ -292,6 +315,12 @@ pub struct ExecutorStats {
     /// Response payload bytes copied in user space (out of mapped readback
     /// buffers).
     pub bytes_copied_out: AtomicU64,
+    /// Times work (a batch of calls, or a reload) reached the GPU thread
+    /// while it spun (see [`GpuConfig::idle_spin`]): started without a
+    /// wake-up.
+    pub waits_spun: AtomicU64,
+    /// Times the GPU thread slept for work and had to be woken.
+    pub waits_slept: AtomicU64,
 }
 
 /// Work for the executor thread other than calls.
@@ -744,7 +773,20 @@ impl Worker {
             let next = self.queue.next_blocking(
                 self.config.max_batch.clamp(1, MAX_BATCH),
                 self.config.max_batch_bytes,
+                self.config.idle_spin.min(MAX_IDLE_SPIN),
             );
+            let next = next.map(|(next, waited)| {
+                match waited {
+                    Waited::No => {}
+                    Waited::Spun => {
+                        self.stats.waits_spun.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Waited::Slept => {
+                        self.stats.waits_slept.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                next
+            });
             match next {
                 None => break,
                 Some(Next::Control(c)) => {

@@ -11,13 +11,17 @@
 //!
 //! The GPU thread takes what is queued in one go (up to a batch limit), so
 //! calls that arrive together share one submission, and a lone call on an
-//! idle GPU is taken at once: there is no timer anywhere.
+//! idle GPU is taken at once: there is no timer anywhere. Out of work, the
+//! thread may spin for a bounded time before it sleeps, so that the next
+//! call does not wait for it to wake up.
 //!
 //! The lock is held only to move jobs in and out of the queues (never
 //! across GPU work), so taking it on the async runtime does not block it.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
@@ -45,6 +49,17 @@ impl SubmitError {
     }
 }
 
+/// How [`FairQueue::next_blocking`] waited for what it returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waited {
+    /// Work was already queued.
+    No,
+    /// Work came while the caller spun.
+    Spun,
+    /// The caller slept until woken.
+    Slept,
+}
+
 /// Something queued for the GPU thread: a unit of work with a size.
 pub trait Queued {
     /// Bytes the item carries, to bound a batch.
@@ -68,6 +83,10 @@ struct State<J, C> {
     len: usize,
     control: VecDeque<C>,
     closed: bool,
+    /// Consumers blocked on the condition variable: pushes wake one only
+    /// if there is one, sparing a futex call per job while the GPU thread
+    /// works.
+    sleepers: usize,
 }
 
 /// A bounded, per-source round-robin queue.
@@ -75,6 +94,9 @@ struct State<J, C> {
 pub struct FairQueue<J, C> {
     state: Mutex<State<J, C>>,
     wake: Condvar,
+    /// Counts every push, control message and close, so a consumer
+    /// spinning outside the lock sees new work without taking it.
+    pushed: AtomicU64,
     depth: usize,
     per_source: usize,
 }
@@ -90,8 +112,10 @@ impl<J: Queued, C> FairQueue<J, C> {
                 len: 0,
                 control: VecDeque::new(),
                 closed: false,
+                sleepers: 0,
             }),
             wake: Condvar::new(),
+            pushed: AtomicU64::new(0),
             depth: depth.max(1),
             per_source: per_source.clamp(1, depth.max(1)),
         }
@@ -122,8 +146,12 @@ impl<J: Queued, C> FairQueue<J, C> {
             s.ring.push_back(source);
         }
         s.len += 1;
+        self.pushed.fetch_add(1, Ordering::Release);
+        let sleeping = s.sleepers > 0;
         drop(s);
-        self.wake.notify_one();
+        if sleeping {
+            self.wake.notify_one();
+        }
         Ok(())
     }
 
@@ -134,6 +162,7 @@ impl<J: Queued, C> FairQueue<J, C> {
             return Err(control);
         }
         s.control.push_back(control);
+        self.pushed.fetch_add(1, Ordering::Release);
         drop(s);
         self.wake.notify_one();
         Ok(())
@@ -141,7 +170,10 @@ impl<J: Queued, C> FairQueue<J, C> {
 
     /// Stops taking new work; what is queued is still handed out.
     pub fn close(&self) {
-        self.lock().closed = true;
+        let mut s = self.lock();
+        s.closed = true;
+        self.pushed.fetch_add(1, Ordering::Release);
+        drop(s);
         self.wake.notify_all();
     }
 
@@ -162,21 +194,48 @@ impl<J: Queued, C> FairQueue<J, C> {
 
     /// Blocks until there is work, then takes the control messages first,
     /// else up to `max_jobs` jobs (and at most `max_bytes` of them, though
-    /// always at least one) round-robin across sources. `None` once closed
-    /// and drained.
-    pub fn next_blocking(&self, max_jobs: usize, max_bytes: u64) -> Option<Next<J, C>> {
+    /// always at least one) round-robin across sources, and says how it
+    /// waited. `None` once closed and drained.
+    ///
+    /// With nothing queued, the caller first spins for up to `spin`,
+    /// watching for a push without the lock, and only then sleeps: a
+    /// thread woken from sleep starts late (tens of microseconds on a host
+    /// whose idle CPUs halt), and that was most of a small call's queueing
+    /// time on the GPU thread.
+    pub fn next_blocking(
+        &self,
+        max_jobs: usize,
+        max_bytes: u64,
+        spin: Duration,
+    ) -> Option<(Next<J, C>, Waited)> {
         let mut s = self.lock();
+        let mut waited = Waited::No;
         loop {
             if let Some(c) = s.control.pop_front() {
-                return Some(Next::Control(c));
+                return Some((Next::Control(c), waited));
             }
             if s.len > 0 {
-                return Some(Next::Jobs(take(&mut s, max_jobs.max(1), max_bytes)));
+                let jobs = take(&mut s, max_jobs.max(1), max_bytes);
+                return Some((Next::Jobs(jobs), waited));
             }
             if s.closed {
                 return None;
             }
+            if waited == Waited::No && !spin.is_zero() {
+                waited = Waited::Spun;
+                let seen = self.pushed.load(Ordering::Acquire);
+                drop(s);
+                let start = Instant::now();
+                while self.pushed.load(Ordering::Acquire) == seen && start.elapsed() < spin {
+                    std::hint::spin_loop();
+                }
+                s = self.lock();
+                continue;
+            }
+            waited = Waited::Slept;
+            s.sleepers += 1;
             s = self.wake.wait(s).unwrap_or_else(PoisonError::into_inner);
+            s.sleepers -= 1;
         }
     }
 
@@ -240,7 +299,8 @@ mod tests {
         }
         q.try_push(2, J(2, 0)).map_err(|e| e.0).expect("push");
         q.try_push(3, J(3, 0)).map_err(|e| e.0).expect("push");
-        let Some(Next::Jobs(jobs)) = q.next_blocking(4, u64::MAX) else {
+        let Some((Next::Jobs(jobs), Waited::No)) = q.next_blocking(4, u64::MAX, Duration::ZERO)
+        else {
             panic!("jobs expected")
         };
         assert_eq!(jobs, vec![J(1, 0), J(2, 0), J(3, 0), J(1, 1)]);
@@ -269,14 +329,84 @@ mod tests {
         for i in 0..4 {
             q.try_push(1, J(1, i)).map_err(|e| e.0).expect("push");
         }
-        let Some(Next::Jobs(jobs)) = q.next_blocking(10, 25) else {
+        let Some((Next::Jobs(jobs), _)) = q.next_blocking(10, 25, Duration::ZERO) else {
             panic!("jobs expected")
         };
         assert_eq!(jobs.len(), 2);
-        let Some(Next::Jobs(jobs)) = q.next_blocking(10, 5) else {
+        let Some((Next::Jobs(jobs), _)) = q.next_blocking(10, 5, Duration::ZERO) else {
             panic!("jobs expected")
         };
         assert_eq!(jobs, vec![J(1, 2)]);
+    }
+
+    /// Runs `next_blocking` on another thread; once `ready` holds for the
+    /// queue (or after `push_after`), pushes one job; returns how the
+    /// consumer waited for it, which must be within `within`.
+    fn wait_for_a_push(
+        spin: Duration,
+        ready: impl Fn(&FairQueue<J, ()>) -> bool,
+        push_after: Duration,
+        within: Duration,
+    ) -> Waited {
+        let q = std::sync::Arc::new(FairQueue::<J, ()>::new(10, 10));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let consumer = std::sync::Arc::clone(&q);
+        std::thread::spawn(move || {
+            let _ = tx.send(consumer.next_blocking(10, u64::MAX, spin));
+        });
+        let start = Instant::now();
+        while !ready(&q) || start.elapsed() < push_after {
+            assert!(start.elapsed() < within, "the consumer never got ready");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        q.try_push(1, J(1, 7)).map_err(|e| e.0).expect("push");
+        match rx.recv_timeout(within) {
+            Ok(Some((Next::Jobs(jobs), waited))) => {
+                assert_eq!(jobs, vec![J(1, 7)]);
+                waited
+            }
+            other => panic!("the consumer did not take the job in time: {other:?}"),
+        }
+    }
+
+    fn asleep(q: &FairQueue<J, ()>) -> bool {
+        q.lock().sleepers > 0
+    }
+
+    #[test]
+    fn a_sleeping_consumer_is_woken_by_a_push() {
+        let waited = wait_for_a_push(
+            Duration::ZERO,
+            asleep,
+            Duration::ZERO,
+            Duration::from_secs(10),
+        );
+        assert_eq!(waited, Waited::Slept);
+    }
+
+    #[test]
+    fn a_push_while_spinning_is_taken_without_sleeping() {
+        // Taken well before the spin would end: a spinner that missed the
+        // push would only return after its 60 s.
+        let waited = wait_for_a_push(
+            Duration::from_secs(60),
+            |_| true,
+            Duration::from_millis(50),
+            Duration::from_secs(10),
+        );
+        // `No` only if the consumer started after the push.
+        assert_ne!(waited, Waited::Slept);
+    }
+
+    #[test]
+    fn a_consumer_sleeps_once_its_spin_is_over() {
+        let waited = wait_for_a_push(
+            Duration::from_millis(5),
+            asleep,
+            Duration::ZERO,
+            Duration::from_secs(10),
+        );
+        assert_eq!(waited, Waited::Slept);
     }
 
     #[test]
@@ -285,12 +415,15 @@ mod tests {
         q.try_push(1, J(1, 0)).map_err(|e| e.0).expect("push");
         q.push_control("reload").expect("control");
         assert!(matches!(
-            q.next_blocking(10, u64::MAX),
-            Some(Next::Control("reload"))
+            q.next_blocking(10, u64::MAX, Duration::ZERO),
+            Some((Next::Control("reload"), _))
         ));
         q.close();
         assert!(q.try_push(1, J(1, 1)).is_err());
-        assert!(matches!(q.next_blocking(10, u64::MAX), Some(Next::Jobs(_))));
-        assert!(q.next_blocking(10, u64::MAX).is_none());
+        assert!(matches!(
+            q.next_blocking(10, u64::MAX, Duration::ZERO),
+            Some((Next::Jobs(_), _))
+        ));
+        assert!(q.next_blocking(10, u64::MAX, Duration::ZERO).is_none());
     }
 }
