@@ -100,8 +100,10 @@ pub enum Timestamping {
 /// The GPU thread's default [`GpuConfig::idle_spin`] on a host with more
 /// than one CPU: long enough to catch the next call of a client calling in
 /// a loop over loopback or a LAN, short enough that a lone call costs
-/// little (BENCHMARKS.md, "GPU thread idle spin"). With one CPU the spin
-/// would hold the CPU the next call needs, so the default there is zero.
+/// little (BENCHMARKS.md, "GPU thread idle spin"). With one CPU (as
+/// [`std::thread::available_parallelism`] counts them: CPU affinity and
+/// cgroup quotas included) the spin would hold the CPU the next call
+/// needs, so the default there is zero.
 pub const DEFAULT_IDLE_SPIN: Duration = Duration::from_micros(150);
 
 /// The longest [`GpuConfig::idle_spin`] honoured: past a few milliseconds,
