@@ -234,15 +234,15 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     }
 
     // The server and its clients.
-    let idle_spin = a
-        .gpu_idle_spin_us
-        .map_or_else(|| GpuConfig::default().idle_spin, Duration::from_micros);
-    let gpu = GpuConfig {
+    let mut gpu = GpuConfig {
         kernel_dir: a.kernels.clone(),
         timestamps: a.gpu_timestamps.into(),
-        idle_spin,
         ..GpuConfig::default()
     };
+    if let Some(us) = a.gpu_idle_spin_us {
+        gpu.idle_spin = Duration::from_micros(us);
+    }
+    let idle_spin = gpu.idle_spin;
     let tuning = QuicTuning {
         max_udp_payload: a.max_udp_payload.unwrap_or(tls::MAX_UDP_PAYLOAD),
         ..QuicTuning::default()

@@ -772,26 +772,23 @@ impl Worker {
             if self.gpu.lost.load(Ordering::SeqCst) && !self.recreate() {
                 break;
             }
-            let next = self.queue.next_blocking(
+            let Some((next, waited)) = self.queue.next_blocking(
                 self.config.max_batch.clamp(1, MAX_BATCH),
                 self.config.max_batch_bytes,
                 self.config.idle_spin.min(MAX_IDLE_SPIN),
-            );
-            let next = next.map(|(next, waited)| {
-                match waited {
-                    Waited::No => {}
-                    Waited::Spun => {
-                        self.stats.waits_spun.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Waited::Slept => {
-                        self.stats.waits_slept.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                next
-            });
+            ) else {
+                break;
+            };
+            let waits = match waited {
+                Waited::No => None,
+                Waited::Spun => Some(&self.stats.waits_spun),
+                Waited::Slept => Some(&self.stats.waits_slept),
+            };
+            if let Some(counter) = waits {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
             match next {
-                None => break,
-                Some(Next::Control(c)) => {
+                Next::Control(c) => {
                     // A panic while loading kernels (operator-supplied WGSL)
                     // fails that reload, not the executor.
                     let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -803,7 +800,7 @@ impl Worker {
                         );
                     }
                 }
-                Some(Next::Jobs(jobs)) => self.run_batch(jobs),
+                Next::Jobs(jobs) => self.run_batch(jobs),
             }
         }
         tracing::debug!("GPU executor stopped");
