@@ -39,7 +39,7 @@ fn loopback(c: &mut Criterion) {
     let mut group = c.benchmark_group("saxpy_1024");
     group.bench_function("remote_loopback_call", |b| {
         b.to_async(&rt)
-            .iter(|| async { black_box(client.execute(call.clone()).await.expect("call")) })
+            .iter(|| async { black_box(client.execute(&call).await.expect("call")) })
     });
     group.bench_function("local_dispatch", |b| {
         b.to_async(&rt).iter(|| async {

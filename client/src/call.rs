@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use quasar_transport::wire::{ArchivedResponseHeader, PayloadLayout};
+use quasar_transport::wire::{ArchivedResponseHeader, PayloadLayout, RequestHeaderRef, WireError};
 use quasar_transport::{BufferDesc, ElemType, NamedScalar, RequestHeader, Scalar, Timings};
 
 use crate::error::{CallError, OutputError, ProtocolError};
@@ -45,8 +45,12 @@ pub type RequestParts = (RequestHeader, Vec<Bytes>);
 pub struct Call {
     kernel: String,
     args: Vec<NamedScalar>,
+    // The input buffers' descriptions and bytes, in payload order: kept
+    // apart so that each attempt's request header borrows the descriptions
+    // as they are.
+    descs: Vec<BufferDesc>,
     // Shared, so retries and clones of a call copy no payload.
-    buffers: Vec<(BufferDesc, Bytes)>,
+    data: Vec<Bytes>,
     pub(crate) deadline: Option<Duration>,
     workgroups: Option<[u32; 3]>,
     pub(crate) retryable: bool,
@@ -58,7 +62,8 @@ impl Call {
         Self {
             kernel: kernel.into(),
             args: Vec::new(),
-            buffers: Vec::new(),
+            descs: Vec::new(),
+            data: Vec::new(),
             deadline: None,
             workgroups: None,
             retryable: true,
@@ -84,14 +89,13 @@ impl Call {
 
     /// Adds an input buffer (copied into the request).
     pub fn input<T: Element>(mut self, name: impl Into<String>, data: &[T]) -> Self {
-        self.buffers.push((
-            BufferDesc {
-                name: name.into(),
-                elem: T::ELEM,
-                len: data.len() as u64,
-            },
-            Bytes::copy_from_slice(bytemuck::cast_slice::<T, u8>(data)),
-        ));
+        self.descs.push(BufferDesc {
+            name: name.into(),
+            elem: T::ELEM,
+            len: data.len() as u64,
+        });
+        self.data
+            .push(Bytes::copy_from_slice(bytemuck::cast_slice::<T, u8>(data)));
         self
     }
 
@@ -105,14 +109,12 @@ impl Call {
         bytes: impl Into<Bytes>,
     ) -> Self {
         let bytes = bytes.into();
-        self.buffers.push((
-            BufferDesc {
-                name: name.into(),
-                elem,
-                len: (bytes.len() / elem.size()) as u64,
-            },
-            bytes,
-        ));
+        self.descs.push(BufferDesc {
+            name: name.into(),
+            elem,
+            len: (bytes.len() / elem.size()) as u64,
+        });
+        self.data.push(bytes);
         self
     }
 
@@ -144,9 +146,23 @@ impl Call {
     /// [`CallError::InvalidCall`] if a buffer is not a whole number of
     /// elements.
     pub fn into_request(self) -> Result<RequestParts, CallError> {
-        let mut descs = Vec::with_capacity(self.buffers.len());
-        let mut bytes = Vec::with_capacity(self.buffers.len());
-        for (desc, data) in self.buffers {
+        self.check()?;
+        let timeout_us = self.deadline.map(micros);
+        Ok((
+            RequestHeader {
+                kernel: self.kernel,
+                args: self.args,
+                buffers: self.descs,
+                timeout_us,
+                workgroups: self.workgroups,
+            },
+            self.data,
+        ))
+    }
+
+    /// Checks that every buffer is a whole number of elements.
+    pub(crate) fn check(&self) -> Result<(), CallError> {
+        for (desc, data) in self.descs.iter().zip(&self.data) {
             if data.len() % desc.elem.size() != 0 {
                 return Err(CallError::InvalidCall(format!(
                     "buffer `{}` has {} bytes, not a whole number of {} elements",
@@ -155,23 +171,35 @@ impl Call {
                     desc.elem
                 )));
             }
-            descs.push(desc);
-            bytes.push(data);
         }
-        let timeout_us = self
-            .deadline
-            .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
-        Ok((
-            RequestHeader {
-                kernel: self.kernel,
-                args: self.args,
-                buffers: descs,
-                timeout_us,
-                workgroups: self.workgroups,
-            },
-            bytes,
-        ))
+        Ok(())
     }
+
+    /// The request header of an attempt that has `timeout` left, borrowing
+    /// the call's names.
+    pub(crate) fn header(&self, timeout: Option<Duration>) -> RequestHeaderRef<'_> {
+        RequestHeaderRef {
+            kernel: &self.kernel,
+            args: &self.args,
+            buffers: &self.descs,
+            timeout_us: timeout.map(micros),
+            workgroups: self.workgroups,
+        }
+    }
+
+    /// The input buffers' descriptions, in payload order.
+    pub(crate) fn descs(&self) -> &[BufferDesc] {
+        &self.descs
+    }
+
+    /// The input buffers' bytes, in payload order.
+    pub(crate) fn data(&self) -> &[Bytes] {
+        &self.data
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// Client-side timings of a call, each from the moment the call started.
@@ -274,26 +302,32 @@ pub(crate) fn outputs_of(
     archived: &ArchivedResponseHeader,
     payload_len: u64,
 ) -> Result<Vec<(BufferDesc, Range<usize>)>, ProtocolError> {
-    let layout = PayloadLayout::new(
+    let slots = PayloadLayout::slots_of(
         archived
             .buffers
             .iter()
             .map(|b| (b.name.as_str(), b.elem.to_native(), b.len.to_native())),
-    )?;
-    layout.check_len(payload_len)?;
-    Ok(archived
-        .buffers
-        .iter()
-        .zip(layout.slots().iter().cloned())
-        .map(|(b, slot)| {
-            (
-                BufferDesc {
-                    name: b.name.as_str().to_owned(),
-                    elem: b.elem.to_native(),
-                    len: b.len.to_native(),
-                },
-                slot,
-            )
-        })
-        .collect())
+    );
+    let mut outputs = Vec::with_capacity(archived.buffers.len());
+    let mut total = 0;
+    for (b, slot) in archived.buffers.iter().zip(slots) {
+        let slot = slot?;
+        total = slot.end;
+        outputs.push((
+            BufferDesc {
+                name: b.name.as_str().to_owned(),
+                elem: b.elem.to_native(),
+                len: b.len.to_native(),
+            },
+            slot,
+        ));
+    }
+    if payload_len != total as u64 {
+        return Err(WireError::PayloadLength {
+            expected: total as u64,
+            actual: payload_len,
+        }
+        .into());
+    }
+    Ok(outputs)
 }

@@ -48,6 +48,7 @@
 pub mod call;
 pub mod error;
 
+use std::borrow::Borrow;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, PoisonError};
@@ -55,11 +56,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use quasar_transport::frame::FrameKind;
+use quasar_transport::frame::{FrameKind, PREFIX_LEN};
 use quasar_transport::io::{FrameReader, write_frame_chunks};
 use quasar_transport::socket;
 use quasar_transport::tls::{self, QuicTuning};
-use quasar_transport::wire::{PAYLOAD_ALIGN, PayloadLayout, access_response, encode_request};
+use quasar_transport::wire::{PAYLOAD_ALIGN, PayloadLayout, access_response, encode_request_frame};
 use quasar_transport::{CloseCode, Limits, ReadFrameError, StreamCode};
 
 pub use call::{Call, Element, OutputRef, Response};
@@ -358,9 +359,13 @@ impl Client {
     /// with [`StreamCode::Cancelled`], and the server does not run it if it
     /// has not started.
     ///
+    /// Takes the call by value or by reference: a call run many times is
+    /// built once and need not be cloned for each run.
+    ///
     /// # Errors
     /// [`CallError`]; see the crate docs.
-    pub async fn execute(&self, call: Call) -> Result<Response, CallError> {
+    pub async fn execute(&self, call: impl Borrow<Call>) -> Result<Response, CallError> {
+        let call = call.borrow();
         match call.deadline {
             Some(limit) => tokio::time::timeout(limit, self.with_retries(call))
                 .await
@@ -371,7 +376,7 @@ impl Client {
 
     /// Attempts under the retry policy; every call ends with exactly one
     /// outcome, the last attempt's.
-    async fn with_retries(&self, call: Call) -> Result<Response, CallError> {
+    async fn with_retries(&self, call: &Call) -> Result<Response, CallError> {
         let policy = &self.inner.retry;
         let attempts = if call.retryable {
             policy.max_attempts.max(1)
@@ -380,26 +385,24 @@ impl Client {
         };
         let deadline = call.deadline;
         // Checked and laid out once; attempts share the payload's bytes.
-        let mut request = Request::new(call, &self.inner.limits)?;
+        let payload = laid_out(call, &self.inner.limits)?;
         let mut backoff = policy.initial_backoff;
         let mut attempt = 1;
         let started = Instant::now();
         loop {
             // Each attempt tells the server only the time the call has left.
-            if let Some(total) = deadline {
-                request.set_timeout(total.saturating_sub(started.elapsed()));
-            }
+            let left = deadline.map(|total| total.saturating_sub(started.elapsed()));
             let result = match policy.per_try_timeout {
                 // A lost connection is re-established before the attempt,
                 // outside its time: a dial cut short by the attempt's timer
                 // would leave the next call to dial again, and the next.
                 Some(t) => match self.connection().await {
-                    Ok(_) => tokio::time::timeout(t, self.attempt(&request))
+                    Ok(_) => tokio::time::timeout(t, self.attempt(call, &payload, left))
                         .await
                         .unwrap_or(Err(CallError::AttemptTimeout(t))),
                     Err(e) => Err(e),
                 },
-                None => self.attempt(&request).await,
+                None => self.attempt(call, &payload, left).await,
             };
             match result {
                 Err(e) if attempt < attempts && e.is_retryable() => {
@@ -428,15 +431,22 @@ impl Client {
         })
     }
 
-    async fn attempt(&self, request: &Request) -> Result<Response, CallError> {
+    /// One attempt at `call`, whose laid-out `payload` it sends, with
+    /// `left` of its deadline.
+    async fn attempt(
+        &self,
+        call: &Call,
+        payload: &[Bytes],
+        left: Option<Duration>,
+    ) -> Result<Response, CallError> {
         let started = Instant::now();
         let limits = &self.inner.limits;
-        let header_bytes =
-            encode_request(&request.header).map_err(|e| CallError::InvalidCall(e.to_string()))?;
-        if header_bytes.len() > limits.max_header_len as usize {
+        let head = encode_request_frame(&call.header(left), payload)
+            .map_err(|e| CallError::InvalidCall(e.to_string()))?;
+        let header_len = head.len() - PREFIX_LEN;
+        if header_len > limits.max_header_len as usize {
             return Err(CallError::InvalidCall(format!(
-                "request header of {} bytes exceeds the limit of {} bytes",
-                header_bytes.len(),
+                "request header of {header_len} bytes exceeds the limit of {} bytes",
                 limits.max_header_len
             )));
         }
@@ -445,14 +455,7 @@ impl Client {
         let mut stream = self.open().await?;
         // One write of every piece: one lock of the connection and one wake
         // of its driver, however many buffers the call has.
-        match write_frame_chunks(
-            &mut stream.send,
-            FrameKind::Request,
-            &header_bytes,
-            &request.payload,
-        )
-        .await
-        {
+        match write_frame_chunks(&mut stream.send, head, payload).await {
             Ok(()) => {
                 let _ = stream.send.finish();
             }
@@ -547,48 +550,37 @@ impl Client {
 
 /// A call checked and laid out for sending: its header, and its payload as
 /// the buffers' own bytes with the alignment padding between them.
-struct Request {
-    header: quasar_transport::RequestHeader,
-    payload: Vec<Bytes>,
-}
-
-impl Request {
-    fn new(call: Call, limits: &Limits) -> Result<Self, CallError> {
-        let (header, buffers) = call.into_request()?;
-        let layout = PayloadLayout::new(
-            header
-                .buffers
-                .iter()
-                .map(|b| (b.name.as_str(), b.elem, b.len)),
-        )
-        .map_err(|e| CallError::InvalidCall(e.to_string()))?;
-        if layout.total() as u64 > limits.max_payload_len {
-            return Err(CallError::InvalidCall(format!(
-                "payload of {} bytes exceeds the limit of {} bytes",
-                layout.total(),
-                limits.max_payload_len
-            )));
+/// A call's payload: its buffers' bytes at their slots, with the padding
+/// between them, as pieces QUIC sends without copying.
+fn laid_out(call: &Call, limits: &Limits) -> Result<Vec<Bytes>, CallError> {
+    call.check()?;
+    static PADDING: [u8; PAYLOAD_ALIGN] = [0; PAYLOAD_ALIGN];
+    let slots = PayloadLayout::slots_of(
+        call.descs()
+            .iter()
+            .map(|b| (b.name.as_str(), b.elem, b.len)),
+    );
+    let mut payload = Vec::with_capacity(2 * call.data().len());
+    let mut at = 0;
+    for (slot, data) in slots.zip(call.data()) {
+        let slot = slot.map_err(|e| CallError::InvalidCall(e.to_string()))?;
+        // Slots start at multiples of PAYLOAD_ALIGN: a gap is shorter.
+        let pad = slot.start.saturating_sub(at).min(PAYLOAD_ALIGN);
+        if pad > 0 {
+            payload.push(Bytes::from_static(&PADDING[..pad]));
         }
-        static PADDING: [u8; PAYLOAD_ALIGN] = [0; PAYLOAD_ALIGN];
-        let mut payload = Vec::with_capacity(2 * buffers.len());
-        let mut at = 0;
-        for (slot, data) in layout.slots().iter().zip(buffers) {
-            // Slots start at multiples of PAYLOAD_ALIGN: a gap is shorter.
-            let pad = slot.start.saturating_sub(at).min(PAYLOAD_ALIGN);
-            if pad > 0 {
-                payload.push(Bytes::from_static(&PADDING[..pad]));
-            }
-            if !data.is_empty() {
-                payload.push(data);
-            }
-            at = slot.end;
+        if !data.is_empty() {
+            payload.push(data.clone());
         }
-        Ok(Self { header, payload })
+        at = slot.end;
     }
-
-    fn set_timeout(&mut self, left: Duration) {
-        self.header.timeout_us = Some(u64::try_from(left.as_micros()).unwrap_or(u64::MAX));
+    if at as u64 > limits.max_payload_len {
+        return Err(CallError::InvalidCall(format!(
+            "payload of {at} bytes exceeds the limit of {} bytes",
+            limits.max_payload_len
+        )));
     }
+    Ok(payload)
 }
 
 /// The outcome of the last reconnection attempt.

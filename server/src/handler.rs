@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use quasar_transport::frame::FrameKind;
 use quasar_transport::io::{ChunkedPayload, FrameReader, write_frame_chunks};
-use quasar_transport::wire::{ArchivedRequestHeader, access_request, encode_response};
+use quasar_transport::wire::{ArchivedRequestHeader, access_request, encode_response_frame};
 use quasar_transport::{
     BufferDesc, CloseCode, ECHO_KERNEL, FrameError, ReadFrameError, ResponseHeader, StatusCode,
     StreamCode, Timings,
@@ -336,7 +336,7 @@ async fn call(
     };
     let status = StatusCode::from_u16(header.status).unwrap_or(StatusCode::Internal);
     access_log(&status, header.timings.total_us);
-    let bytes = match encode_response(&header) {
+    let head = match encode_response_frame(&header, &body) {
         Ok(b) => b,
         Err(e) => {
             tracing::error!(error = %e, "encoding a reply");
@@ -350,7 +350,7 @@ async fn call(
     let write_deadline = tokio::time::Instant::now()
         + shared.request_timeout
         + transfer_time(shared, body_len as u64);
-    let write = write_frame_chunks(&mut send, FrameKind::Response, &bytes, &body);
+    let write = write_frame_chunks(&mut send, head, &body);
     match by(write_deadline, write).await {
         Ok(Ok(())) => {
             let _ = send.finish();
@@ -440,7 +440,7 @@ async fn echo(
             timings: Timings::default(),
         },
         // The request's chunks go back out as they came in: no copy.
-        body: payload.chunks().to_vec(),
+        body: payload.into_chunks(),
         reservation,
     })
 }

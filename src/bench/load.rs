@@ -175,11 +175,9 @@ pub async fn call_once(
     match target {
         Target::Remote(clients) => {
             let client = &clients[idx % clients.len()];
-            let call = work.call.clone();
-            let copied = start.elapsed();
-            match client.execute(call).await {
+            match client.execute(&work.call).await {
                 Ok(r) => {
-                    record.client = copied + r.client_timings().encode;
+                    record.client = r.client_timings().encode;
                     record.server = Some(r.timings());
                     record.down = r.payload_len() as u64;
                 }

@@ -48,6 +48,9 @@ pub struct Plan {
     /// Rounds the targets take turns in, each measured for a share of the
     /// run (at least 1).
     pub rounds: u32,
+    /// The Quasar server runs in this process (`--embedded`), as the
+    /// baselines' servers always do, so their CPU time per call compares.
+    pub server_in_process: bool,
 }
 
 /// Runs every step against every target: remote first, then the baselines
@@ -83,6 +86,7 @@ pub async fn execute(
                 let phases = plan.phases.round(round, rounds);
                 let live = load::live();
                 let before = target.transport();
+                let cpu_before = process_cpu();
                 let bar = plan.progress.then(|| progress(&label, &live, phases));
                 let out = load::run(
                     (*target).clone(),
@@ -93,6 +97,9 @@ pub async fn execute(
                     cancel.clone(),
                 )
                 .await;
+                let cpu = cpu_before
+                    .zip(process_cpu())
+                    .map(|(b, a)| a.saturating_sub(b));
                 if let Some((bar, ticker)) = bar {
                     ticker.abort();
                     bar.finish_and_clear();
@@ -100,6 +107,7 @@ pub async fn execute(
                 sum.add(
                     out,
                     before.zip(target.transport()),
+                    cpu,
                     live.finished.load(Ordering::Relaxed),
                 );
             }
@@ -123,11 +131,17 @@ pub async fn execute(
                     .transport
                     .filter(|_| !sum.interrupted)
                     .and_then(|(counts, calls)| report::TransportJson::of(counts, calls)),
+                cpu_us_per_call: sum
+                    .cpu
+                    .filter(|&(_, calls)| !sum.interrupted && calls > 0)
+                    .map(|(cpu, calls)| cpu.as_secs_f64() * 1e6 / calls as f64),
                 recorder: sum.recorder,
             };
             match &remote_run {
                 None => remote_run = Some(run.clone()),
-                Some(remote) => comparisons.push(report::compare(remote, &run)),
+                Some(remote) => {
+                    comparisons.push(report::compare(remote, &run, plan.server_in_process))
+                }
             }
             runs.push(run);
         }
@@ -159,6 +173,9 @@ struct Rounds {
     /// included); none once a round saw a reconnection or for the
     /// in-process target.
     transport: Option<(TransportCounts, u64)>,
+    /// This process's CPU time over the rounds and the calls it served
+    /// (warm-ups included); none without a process CPU clock.
+    cpu: Option<(Duration, u64)>,
 }
 
 impl Rounds {
@@ -166,9 +183,15 @@ impl Rounds {
         &mut self,
         out: load::RunOutput,
         transport: Option<(TransportCounts, TransportCounts)>,
+        cpu: Option<Duration>,
         calls: u64,
     ) {
         let first = self.rounds == 0;
+        self.cpu = match (first, self.cpu, cpu) {
+            (true, _, Some(c)) => Some((c, calls)),
+            (false, Some((sum, n)), Some(c)) => Some((sum + c, n + calls)),
+            _ => None,
+        };
         self.rounds += 1;
         self.recorder.merge(out.recorder);
         self.elapsed += out.elapsed;
@@ -179,6 +202,26 @@ impl Rounds {
             (false, Some((sum, n)), Some((b, a))) => Some((sum.plus(a.since(b)), n + calls)),
             _ => None,
         };
+    }
+}
+
+/// This process's CPU time so far: user and system, every thread.
+///
+/// Client and server share the machine's cores in a loopback run, so on a
+/// small host throughput follows the CPU a call costs; this figure is that
+/// cost without the run-to-run noise of wake-up latencies.
+fn process_cpu() -> Option<Duration> {
+    #[cfg(unix)]
+    {
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+        Some(Duration::new(
+            u64::try_from(t.tv_sec).ok()?,
+            u32::try_from(t.tv_nsec).ok()?,
+        ))
+    }
+    #[cfg(not(unix))]
+    {
+        None
     }
 }
 

@@ -76,6 +76,12 @@ pub struct RunReport {
     /// What the QUIC connections carried during the run (warm-up
     /// included); none for the in-process target.
     pub transport: Option<TransportJson>,
+    /// This process's CPU time (user and system, every thread) per call
+    /// over the run, warm-up included, microseconds: the client's, and the
+    /// server's where it runs in this process (`--embedded`, the in-process
+    /// target, the raw echo); none without a process CPU clock or when the
+    /// run was interrupted.
+    pub cpu_us_per_call: Option<f64>,
     /// The recorder, for the `.hgrm` files and plots.
     #[serde(skip)]
     pub recorder: Recorder,
@@ -130,6 +136,10 @@ pub struct Comparison {
     pub throughput_ratio: f64,
     /// Remote p50 minus baseline p50, microseconds: what going remote adds.
     pub p50_added_us: f64,
+    /// Remote CPU time per call / baseline CPU time per call; only where
+    /// the Quasar server runs in this process as the baseline's does
+    /// (`--embedded`), so that both count client and server.
+    pub cpu_ratio: Option<f64>,
 }
 
 /// The whole JSON document.
@@ -161,8 +171,10 @@ fn ratio(a: f64, b: f64) -> f64 {
     if b > 0.0 { a / b } else { f64::NAN }
 }
 
-/// Compares a remote run with a baseline run of the same step.
-pub fn compare(remote: &RunReport, base: &RunReport) -> Comparison {
+/// Compares a remote run with a baseline run of the same step;
+/// `server_in_process` says whether the remote run's CPU time includes its
+/// server's, as the baseline's does.
+pub fn compare(remote: &RunReport, base: &RunReport, server_in_process: bool) -> Comparison {
     let (r, b) = (&remote.summary, &base.summary);
     Comparison {
         step: remote.load.label(),
@@ -171,6 +183,11 @@ pub fn compare(remote: &RunReport, base: &RunReport) -> Comparison {
         p99_ratio: ratio(r.latency_us.p99 as f64, b.latency_us.p99 as f64),
         throughput_ratio: ratio(r.throughput.calls_per_s, b.throughput.calls_per_s),
         p50_added_us: r.latency_us.p50 as f64 - b.latency_us.p50 as f64,
+        cpu_ratio: remote
+            .cpu_us_per_call
+            .zip(base.cpu_us_per_call)
+            .filter(|_| server_in_process)
+            .map(|(r, b)| ratio(r, b)),
     }
 }
 
@@ -294,6 +311,9 @@ pub fn print_table(report: &Report, out: &mut impl Write) -> std::io::Result<()>
                 t.mtu
             )?;
         }
+        if let Some(cpu) = run.cpu_us_per_call {
+            writeln!(out, "  cpu: {cpu:.1} us per call in this process")?;
+        }
         if !s.breakdown_us.is_empty() && run.target != "raw" {
             writeln!(out, "  where the time went:")?;
             for b in &s.breakdown_us {
@@ -307,8 +327,16 @@ pub fn print_table(report: &Report, out: &mut impl Write) -> std::io::Result<()>
         for c in &report.comparisons {
             writeln!(
                 out,
-                "  {:<14} vs {:<5}  p50 x{:.2} ({:+.0} us)   p99 x{:.2}   throughput x{:.2}",
-                c.step, c.baseline, c.p50_ratio, c.p50_added_us, c.p99_ratio, c.throughput_ratio
+                "  {:<14} vs {:<5}  p50 x{:.2} ({:+.0} us)   p99 x{:.2}   throughput x{:.2}{}",
+                c.step,
+                c.baseline,
+                c.p50_ratio,
+                c.p50_added_us,
+                c.p99_ratio,
+                c.throughput_ratio,
+                c.cpu_ratio
+                    .map(|r| format!("   cpu x{r:.2}"))
+                    .unwrap_or_default()
             )?;
         }
     }
@@ -363,7 +391,33 @@ pub fn write_hgrm(h: &Histogram<u64>, out: &mut impl Write) -> std::io::Result<(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+
+    fn run(target: &'static str, cpu_us_per_call: Option<f64>) -> RunReport {
+        let recorder = Recorder::new();
+        RunReport {
+            label: format!("{target} c=1"),
+            target,
+            load: LoadJson::of(Load::Closed { concurrency: 1 }, 1),
+            rounds: 1,
+            interrupted: false,
+            summary: recorder.summary(Duration::from_secs(1)),
+            transport: None,
+            cpu_us_per_call,
+            recorder,
+        }
+    }
+
+    #[test]
+    fn cpu_is_compared_only_when_both_runs_count_their_server() {
+        let (remote, raw) = (run("remote", Some(30.0)), run("raw", Some(20.0)));
+        assert_eq!(compare(&remote, &raw, true).cpu_ratio, Some(1.5));
+        // A remote server's CPU is not this process's: no ratio.
+        assert_eq!(compare(&remote, &raw, false).cpu_ratio, None);
+        assert_eq!(compare(&remote, &run("raw", None), true).cpu_ratio, None);
+    }
 
     #[test]
     fn hgrm_lines_parse_and_end_at_the_total() {

@@ -21,7 +21,8 @@ pub struct Parts {
     /// Open loop: waiting to be sent, from the intended start to the actual
     /// one (what coordinated-omission correction adds). Zero in a closed loop.
     pub wait: f64,
-    /// Client-side preparation: copying the inputs and encoding the header.
+    /// Client-side preparation: encoding the request header (remote), or
+    /// taking the payload (in-process).
     pub client: f64,
     /// Waiting in the server's GPU queue.
     pub queue: f64,

@@ -334,7 +334,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     // A probe call: clear errors before any load, the response size, and a
     // correctness check against the CPU reference.
     let probe = clients[0]
-        .execute(call.clone())
+        .execute(&call)
         .await
         .map_err(|e| explain_call(&a.kernel, &e))?;
     if let Some(s) = &sample {
@@ -420,6 +420,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         raw,
         progress: !a.no_progress,
         rounds: a.rounds,
+        server_in_process: a.embedded,
     };
     let (runs, comparisons) = bench::execute(&plan, work.clone(), &cancel).await;
 

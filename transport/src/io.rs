@@ -112,6 +112,11 @@ impl ChunkedPayload {
         &self.chunks
     }
 
+    /// The chunks, in stream order, taken out of the payload.
+    pub fn into_chunks(self) -> Vec<Bytes> {
+        self.chunks
+    }
+
     /// Calls `f(offset, bytes)` for each piece of `range`, in order, where
     /// `offset` is the piece's position within the range; false (and no
     /// call) if the range is out of bounds.
@@ -324,28 +329,20 @@ fn read_error(part: &'static str, e: quinn::ReadError) -> ReadFrameError {
     }
 }
 
-/// Writes a whole frame whose payload is already laid out, handing the
-/// payload's chunks to QUIC without copying them (the prefix and header go
-/// first, in one small buffer). Does not finish the stream.
+/// Writes a whole frame: `head`, its prefix and header archive (from
+/// [`crate::wire::encode_request_frame`] or
+/// [`crate::wire::encode_response_frame`] for this `payload`), then the
+/// payload's chunks, which QUIC takes without copying. One write, so one
+/// lock of the connection and one wake of its driver however many pieces
+/// the frame has. Does not finish the stream.
 ///
 /// # Errors
 /// The stream's [`WriteError`].
 pub async fn write_frame_chunks(
     send: &mut SendStream,
-    kind: FrameKind,
-    header: &[u8],
+    head: Bytes,
     payload: &[Bytes],
 ) -> Result<(), WriteError> {
-    let payload_len: usize = payload.iter().map(Bytes::len).sum();
-    let prefix = Prefix {
-        kind,
-        header_len: u32::try_from(header.len()).unwrap_or(u32::MAX),
-        payload_len: payload_len as u64,
-    };
-    let mut head = Vec::with_capacity(PREFIX_LEN + header.len());
-    head.extend_from_slice(&prefix.encode());
-    head.extend_from_slice(header);
-    let head = Bytes::from(head);
     // Most frames have a payload of one or two pieces: those are handed
     // over from the stack, without a list allocated per call.
     match payload {

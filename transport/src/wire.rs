@@ -19,6 +19,7 @@ use rkyv::{Archive, Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::StatusCode;
+use crate::frame::{FrameKind, PREFIX_LEN, Prefix};
 
 /// Every buffer in a payload starts at a multiple of this many bytes, so the
 /// receiver can view it in place as a slice of its element type (and of
@@ -179,6 +180,78 @@ pub struct RequestHeader {
     pub workgroups: Option<[u32; 3]>,
 }
 
+/// A request header of borrowed parts, archived exactly as a
+/// [`RequestHeader`]: the bytes are the same, so a receiver cannot tell
+/// them apart. A client running one call many times encodes it from the
+/// call's own names, without first copying them into an owned header.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RequestHeaderRef<'a> {
+    /// Kernel name.
+    pub kernel: &'a str,
+    /// Scalar arguments, by uniform member name.
+    pub args: &'a [NamedScalar],
+    /// Input buffers, in payload order.
+    pub buffers: &'a [BufferDesc],
+    /// As [`RequestHeader::timeout_us`].
+    pub timeout_us: Option<u64>,
+    /// As [`RequestHeader::workgroups`].
+    pub workgroups: Option<[u32; 3]>,
+}
+
+/// Where [`RequestHeaderRef`]'s out-of-line parts were written.
+pub struct RequestHeaderRefResolver {
+    kernel: rkyv::string::StringResolver,
+    args: rkyv::vec::VecResolver,
+    buffers: rkyv::vec::VecResolver,
+    timeout_us: rkyv::Resolver<Option<u64>>,
+    workgroups: rkyv::Resolver<Option<[u32; 3]>>,
+}
+
+// By hand rather than derived with `#[rkyv(as = ...)]`: the derive's bounds
+// on borrowed fields do not resolve to the owned header's archived types.
+impl Archive for RequestHeaderRef<'_> {
+    type Archived = ArchivedRequestHeader;
+    type Resolver = RequestHeaderRefResolver;
+
+    fn resolve(&self, resolver: Self::Resolver, out: rkyv::Place<Self::Archived>) {
+        rkyv::munge::munge!(let ArchivedRequestHeader { kernel, args, buffers, timeout_us, workgroups } = out);
+        rkyv::string::ArchivedString::resolve_from_str(self.kernel, resolver.kernel, kernel);
+        rkyv::vec::ArchivedVec::resolve_from_slice(self.args, resolver.args, args);
+        rkyv::vec::ArchivedVec::resolve_from_slice(self.buffers, resolver.buffers, buffers);
+        self.timeout_us.resolve(resolver.timeout_us, timeout_us);
+        self.workgroups.resolve(resolver.workgroups, workgroups);
+    }
+}
+
+impl<S> Serialize<S> for RequestHeaderRef<'_>
+where
+    S: rancor::Fallible + rkyv::ser::Allocator + rkyv::ser::Writer + ?Sized,
+    S::Error: rancor::Source,
+{
+    fn serialize(&self, serializer: &mut S) -> Result<Self::Resolver, S::Error> {
+        Ok(RequestHeaderRefResolver {
+            kernel: rkyv::string::ArchivedString::serialize_from_str(self.kernel, serializer)?,
+            args: rkyv::vec::ArchivedVec::serialize_from_slice(self.args, serializer)?,
+            buffers: rkyv::vec::ArchivedVec::serialize_from_slice(self.buffers, serializer)?,
+            timeout_us: self.timeout_us.serialize(serializer)?,
+            workgroups: self.workgroups.serialize(serializer)?,
+        })
+    }
+}
+
+impl RequestHeader {
+    /// The header as borrowed parts.
+    pub fn as_ref(&self) -> RequestHeaderRef<'_> {
+        RequestHeaderRef {
+            kernel: &self.kernel,
+            args: &self.args,
+            buffers: &self.buffers,
+            timeout_us: self.timeout_us,
+            workgroups: self.workgroups,
+        }
+    }
+}
+
 /// Server-side timings of a call, in microseconds.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[rkyv(derive(Debug))]
@@ -295,6 +368,95 @@ fn header_buffer() -> AlignedVec {
     AlignedVec::with_capacity(256)
 }
 
+/// A request frame's prefix and header archive in one buffer, for a
+/// payload of `payload` (see [`crate::io::write_frame_chunks`]).
+///
+/// The header is archived straight after the prefix: written once, with no
+/// second buffer to copy it into behind the prefix.
+///
+/// # Errors
+/// As [`encode_request`].
+pub fn encode_request_frame(
+    header: &RequestHeaderRef<'_>,
+    payload: &[bytes::Bytes],
+) -> Result<bytes::Bytes, WireError> {
+    encode_frame(FrameKind::Request, header, payload)
+}
+
+/// A response frame's prefix and header archive in one buffer, as
+/// [`encode_request_frame`].
+///
+/// # Errors
+/// As [`encode_request`].
+pub fn encode_response_frame(
+    header: &ResponseHeader,
+    payload: &[bytes::Bytes],
+) -> Result<bytes::Bytes, WireError> {
+    encode_frame(FrameKind::Response, header, payload)
+}
+
+fn encode_frame<T>(
+    kind: FrameKind,
+    header: &T,
+    payload: &[bytes::Bytes],
+) -> Result<bytes::Bytes, WireError>
+where
+    T: for<'a> Serialize<
+        rkyv::api::high::HighSerializer<
+            AfterPrefix,
+            rkyv::ser::allocator::ArenaHandle<'a>,
+            rancor::Error,
+        >,
+    >,
+{
+    thread_local! {
+        // Archiving needs room to grow; the frame handed to QUIC wants its
+        // exact length (a `Bytes` made from a vector with spare capacity
+        // allocates a second time for its shared header). So headers are
+        // archived here, on each thread's reused buffer, and copied out.
+        static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+    let mut scratch = SCRATCH.take();
+    scratch.clear();
+    scratch.resize(PREFIX_LEN, 0);
+    let archived = rkyv::api::high::to_bytes_in::<_, rancor::Error>(header, AfterPrefix(scratch));
+    let AfterPrefix(mut scratch) = archived.map_err(WireError::Archive)?;
+    let prefix = Prefix {
+        kind,
+        header_len: u32::try_from(scratch.len() - PREFIX_LEN).unwrap_or(u32::MAX),
+        payload_len: payload.iter().map(|b| b.len() as u64).sum(),
+    };
+    scratch[..PREFIX_LEN].copy_from_slice(&prefix.encode());
+    let frame = bytes::Bytes::from(scratch.to_vec());
+    // A rare huge header does not pin its memory to the thread.
+    if scratch.capacity() <= MAX_SCRATCH {
+        SCRATCH.set(scratch);
+    }
+    Ok(frame)
+}
+
+/// The largest archiving buffer a thread keeps between frames.
+const MAX_SCRATCH: usize = 16 * 1024;
+
+/// A writer that archives after a frame prefix. Positions count from the
+/// prefix's end, so the archive is laid out and aligned exactly as if it
+/// were alone, which is how the receiver reads it (copied into an aligned
+/// buffer of its own).
+struct AfterPrefix(Vec<u8>);
+
+impl rkyv::ser::Positional for AfterPrefix {
+    fn pos(&self) -> usize {
+        self.0.len().saturating_sub(PREFIX_LEN)
+    }
+}
+
+impl<E> rkyv::ser::Writer<E> for AfterPrefix {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), E> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
+}
+
 /// Archives a response header.
 ///
 /// # Errors
@@ -320,24 +482,45 @@ impl PayloadLayout {
     pub fn new<'a>(
         buffers: impl IntoIterator<Item = (&'a str, ElemType, u64)>,
     ) -> Result<Self, WireError> {
-        let buffers = buffers.into_iter();
-        let mut slots = Vec::with_capacity(buffers.size_hint().0);
-        let mut end = 0usize;
-        for (name, elem, len) in buffers {
-            let too_large = || WireError::BufferTooLarge {
-                name: name.to_owned(),
-                len,
-            };
-            let bytes = usize::try_from(len)
+        let slots = Self::slots_of(buffers).collect::<Result<Vec<_>, _>>()?;
+        let total = slots.last().map_or(0, |s| s.end);
+        Ok(Self { slots, total })
+    }
+
+    /// The slots [`PayloadLayout::new`] would give `buffers`, one by one,
+    /// without keeping them: for a caller that walks them once (and
+    /// allocates nothing per call for it). Stops after the first error.
+    pub fn slots_of<'a>(
+        buffers: impl IntoIterator<Item = (&'a str, ElemType, u64)>,
+    ) -> impl Iterator<Item = Result<Range<usize>, WireError>> {
+        let mut end = Some(0usize);
+        buffers.into_iter().map_while(move |(name, elem, len)| {
+            let at = end.take()?;
+            let slot = usize::try_from(len)
                 .ok()
                 .and_then(|n| n.checked_mul(elem.size()))
-                .ok_or_else(too_large)?;
-            let start = align_up(end).ok_or_else(too_large)?;
-            let stop = start.checked_add(bytes).ok_or_else(too_large)?;
-            slots.push(start..stop);
-            end = stop;
-        }
-        Ok(Self { slots, total: end })
+                .and_then(|bytes| {
+                    let start = align_up(at)?;
+                    Some(start..start.checked_add(bytes)?)
+                })
+                .ok_or_else(|| WireError::BufferTooLarge {
+                    name: name.to_owned(),
+                    len,
+                });
+            end = slot.as_ref().ok().map(|s| s.end);
+            Some(slot)
+        })
+    }
+
+    /// The total length of the payload [`PayloadLayout::new`] would lay
+    /// out for `buffers`, without keeping the slots.
+    ///
+    /// # Errors
+    /// As [`PayloadLayout::new`].
+    pub fn total_of<'a>(
+        buffers: impl IntoIterator<Item = (&'a str, ElemType, u64)>,
+    ) -> Result<usize, WireError> {
+        Self::slots_of(buffers).try_fold(0, |_, slot| slot.map(|s| s.end))
     }
 
     /// Total payload length in bytes.
@@ -425,6 +608,91 @@ mod tests {
         assert_eq!(back, sample());
     }
 
+    fn header_strategy() -> impl proptest::strategy::Strategy<Value = RequestHeader> {
+        use proptest::prelude::*;
+        // Names both inline (up to 8 bytes) and out of line in the archive.
+        let name = "[a-z_]{0,20}";
+        let scalar = prop_oneof![
+            any::<f32>().prop_map(Scalar::F32),
+            any::<u32>().prop_map(Scalar::U32),
+            any::<i32>().prop_map(Scalar::I32),
+        ];
+        let elem = prop_oneof![
+            Just(ElemType::F32),
+            Just(ElemType::U32),
+            Just(ElemType::I32)
+        ];
+        (
+            name,
+            prop::collection::vec(
+                (name, scalar).prop_map(|(name, value)| NamedScalar { name, value }),
+                0..4,
+            ),
+            prop::collection::vec(
+                (name, elem, any::<u64>()).prop_map(|(name, elem, len)| BufferDesc {
+                    name,
+                    elem,
+                    len,
+                }),
+                0..4,
+            ),
+            any::<Option<u64>>(),
+            any::<Option<[u32; 3]>>(),
+        )
+            .prop_map(
+                |(kernel, args, buffers, timeout_us, workgroups)| RequestHeader {
+                    kernel,
+                    args,
+                    buffers,
+                    timeout_us,
+                    workgroups,
+                },
+            )
+    }
+
+    proptest::proptest! {
+        /// A header of borrowed parts is the owned header on the wire, byte
+        /// for byte, and so is the header in a frame after its prefix.
+        #[test]
+        fn borrowed_and_framed_headers_archive_as_the_owned_one(
+            header in header_strategy(),
+            payload_len in 0usize..100,
+        ) {
+            let owned = encode_request(&header).expect("encode");
+            let borrowed =
+                rkyv::api::high::to_bytes::<rancor::Error>(&header.as_ref()).expect("encode");
+            proptest::prop_assert_eq!(&owned[..], &borrowed[..]);
+
+            let payload = [bytes::Bytes::from(vec![7u8; payload_len])];
+            let frame = encode_request_frame(&header.as_ref(), &payload).expect("frame");
+            let prefix: [u8; PREFIX_LEN] = frame[..PREFIX_LEN].try_into().expect("prefix");
+            let prefix = Prefix::decode(&prefix, FrameKind::Request, &crate::Limits::default())
+                .expect("prefix decodes");
+            proptest::prop_assert_eq!(prefix.header_len as usize, frame.len() - PREFIX_LEN);
+            proptest::prop_assert_eq!(prefix.payload_len, payload_len as u64);
+            proptest::prop_assert_eq!(&frame[PREFIX_LEN..], &owned[..]);
+        }
+    }
+
+    #[test]
+    fn a_response_frame_carries_the_response_header() {
+        let header =
+            ResponseHeader::error(StatusCode::NotFound, "no kernel `x`", Timings::default());
+        let frame = encode_response_frame(&header, &[]).expect("frame");
+        let prefix: [u8; PREFIX_LEN] = frame[..PREFIX_LEN].try_into().expect("prefix");
+        let prefix = Prefix::decode(&prefix, FrameKind::Response, &crate::Limits::default())
+            .expect("prefix decodes");
+        assert_eq!(prefix.payload_len, 0);
+        let mut aligned = Payload::new();
+        aligned.extend_from_slice(&frame[PREFIX_LEN..]);
+        let archived = access_response(&aligned).expect("access");
+        assert_eq!(archived.message.as_str(), "no kernel `x`");
+        assert_eq!(
+            &frame[PREFIX_LEN..],
+            &encode_response(&header).expect("encode")[..]
+        );
+    }
+
     #[test]
     fn garbage_and_truncation_are_rejected() {
         let bytes = encode_request(&sample()).expect("encode");
@@ -462,6 +730,34 @@ mod tests {
         assert_eq!(p.len(), l.total());
         assert_eq!(&p[l.slots()[1].clone()], &b);
         assert_eq!(&p[12..16], &[0; 4]);
+    }
+
+    #[test]
+    fn slots_of_and_total_of_agree_with_the_layout() {
+        let buffers = [
+            ("a", ElemType::F32, 3),
+            ("b", ElemType::U32, 0),
+            ("c", ElemType::I32, 4),
+        ];
+        let l = PayloadLayout::new(buffers).expect("layout");
+        let slots: Vec<_> = PayloadLayout::slots_of(buffers)
+            .collect::<Result<_, _>>()
+            .expect("slots");
+        assert_eq!(slots, l.slots());
+        assert_eq!(PayloadLayout::total_of(buffers).expect("total"), l.total());
+        assert_eq!(PayloadLayout::total_of([]).expect("empty"), 0);
+        // The first error ends the walk, and names its buffer.
+        let bad = [
+            ("a", ElemType::F32, 1),
+            ("huge", ElemType::F32, u64::MAX),
+            ("c", ElemType::F32, 1),
+        ];
+        let walked: Vec<_> = PayloadLayout::slots_of(bad).collect();
+        assert_eq!(walked.len(), 2);
+        assert!(
+            matches!(&walked[1], Err(WireError::BufferTooLarge { name, .. }) if name == "huge")
+        );
+        assert!(PayloadLayout::total_of(bad).is_err());
     }
 
     #[test]

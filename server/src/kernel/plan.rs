@@ -8,7 +8,7 @@
 
 use std::ops::Range;
 
-use quasar_transport::wire::{ArchivedRequestHeader, PayloadLayout};
+use quasar_transport::wire::{ArchivedRequestHeader, PayloadLayout, WireError};
 use quasar_transport::{ElemType, Limits, Scalar, StatusCode};
 
 use super::rules::Vars;
@@ -109,13 +109,22 @@ pub fn plan_echo(
     if !req.args.is_empty() {
         return Err(invalid("the echo takes no arguments"));
     }
-    PayloadLayout::new(
+    // Only the total matters here: no slots kept.
+    let total = PayloadLayout::total_of(
         req.buffers
             .iter()
             .map(|b| (b.name.as_str(), b.elem.to_native(), b.len.to_native())),
     )
-    .and_then(|layout| layout.check_len(payload_len))
     .map_err(|e| invalid(e.to_string()))?;
+    if payload_len != total as u64 {
+        return Err(invalid(
+            WireError::PayloadLength {
+                expected: total as u64,
+                actual: payload_len,
+            }
+            .to_string(),
+        ));
+    }
     Ok(req
         .buffers
         .iter()
