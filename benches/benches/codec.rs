@@ -1,4 +1,5 @@
-//! Request header encode, checked decode, and validation against a kernel.
+//! Request header encode (alone, and as the framed head the SDK sends),
+//! checked decode, and validation against a kernel.
 //!
 //! `cargo bench -p quasar-benches --bench codec`
 
@@ -10,7 +11,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use quasar_benches::{matmul_request, saxpy_request};
 use quasar_server::kernel::KernelInterface;
 use quasar_server::kernel::plan::{DeviceCaps, plan};
-use quasar_transport::wire::{PayloadLayout, access_request, encode_request};
+use quasar_transport::wire::{PayloadLayout, access_request, encode_request, encode_request_frame};
 use quasar_transport::{Limits, RequestHeader};
 
 const CAPS: DeviceCaps = DeviceCaps {
@@ -45,6 +46,14 @@ fn codec(c: &mut Criterion) {
         let len = payload_len(&header);
         c.bench_function(&format!("encode_request/{label}"), |b| {
             b.iter(|| encode_request(black_box(&header)).expect("encode"))
+        });
+        // What Client::execute does per attempt: archive the header from the
+        // call's borrowed parts behind the frame prefix.
+        let payload = [bytes::Bytes::from(vec![0u8; len as usize])];
+        c.bench_function(&format!("encode_request_frame/{label}"), |b| {
+            b.iter(|| {
+                encode_request_frame(black_box(&header.borrowed()), &payload).expect("encode")
+            })
         });
         c.bench_function(&format!("access_request_checked/{label}"), |b| {
             b.iter(|| access_request(black_box(&bytes)).expect("valid"))

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use quasar_transport::wire::{ArchivedResponseHeader, PayloadLayout, RequestHeaderRef, WireError};
+use quasar_transport::wire::{ArchivedResponseHeader, PayloadLayout, RequestHeaderRef};
 use quasar_transport::{BufferDesc, ElemType, NamedScalar, RequestHeader, Scalar, Timings};
 
 use crate::error::{CallError, OutputError, ProtocolError};
@@ -322,12 +322,6 @@ pub(crate) fn outputs_of(
             slot,
         ));
     }
-    if payload_len != total as u64 {
-        return Err(WireError::PayloadLength {
-            expected: total as u64,
-            actual: payload_len,
-        }
-        .into());
-    }
+    PayloadLayout::check_total(total, payload_len)?;
     Ok(outputs)
 }

@@ -548,10 +548,12 @@ impl Client {
     }
 }
 
-/// A call checked and laid out for sending: its header, and its payload as
-/// the buffers' own bytes with the alignment padding between them.
 /// A call's payload: its buffers' bytes at their slots, with the padding
 /// between them, as pieces QUIC sends without copying.
+///
+/// # Errors
+/// [`CallError::InvalidCall`] if a buffer is not a whole number of
+/// elements, a size overflows, or the payload is over `limits`.
 fn laid_out(call: &Call, limits: &Limits) -> Result<Vec<Bytes>, CallError> {
     call.check()?;
     static PADDING: [u8; PAYLOAD_ALIGN] = [0; PAYLOAD_ALIGN];

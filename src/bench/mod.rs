@@ -211,7 +211,14 @@ impl Rounds {
 /// small host throughput follows the CPU a call costs; this figure is that
 /// cost without the run-to-run noise of wake-up latencies.
 fn process_cpu() -> Option<Duration> {
-    #[cfg(unix)]
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "macos",
+        target_os = "ios",
+        target_os = "freebsd",
+        target_os = "openbsd"
+    ))]
     {
         let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
         Some(Duration::new(
@@ -219,7 +226,14 @@ fn process_cpu() -> Option<Duration> {
             u32::try_from(t.tv_nsec).ok()?,
         ))
     }
-    #[cfg(not(unix))]
+    #[cfg(not(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "macos",
+        target_os = "ios",
+        target_os = "freebsd",
+        target_os = "openbsd"
+    )))]
     {
         None
     }

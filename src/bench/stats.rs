@@ -22,7 +22,7 @@ pub struct Parts {
     /// one (what coordinated-omission correction adds). Zero in a closed loop.
     pub wait: f64,
     /// Client-side preparation: encoding the request header (remote), or
-    /// taking the payload (in-process).
+    /// copying the payload (in-process).
     pub client: f64,
     /// Waiting in the server's GPU queue.
     pub queue: f64,

@@ -67,6 +67,13 @@ fn parse_hgrm(path: &Path) -> Vec<(f64, f64, u64)> {
         .collect()
 }
 
+/// Every comparison of an `--embedded` run has a CPU ratio.
+fn comparisons_have_cpu(doc: &Value) -> bool {
+    doc["comparisons"]
+        .as_array()
+        .is_some_and(|c| !c.is_empty() && c.iter().all(|c| f(c, "cpu_ratio") > 0.0))
+}
+
 #[test]
 fn json_hgrm_and_plot_of_a_short_run_are_consistent() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -165,18 +172,21 @@ fn json_hgrm_and_plot_of_a_short_run_are_consistent() {
 
     // Every call costs this process some CPU (client and server both run
     // in it); fifty milliseconds a call would be a broken clock or count.
-    for run in runs {
-        assert!(
-            (0.1..50_000.0).contains(&f(run, "cpu_us_per_call")),
-            "{run}"
-        );
+    // (The process CPU clock is there on Linux, where CI runs.)
+    if cfg!(target_os = "linux") {
+        for run in runs {
+            assert!(
+                (0.1..50_000.0).contains(&f(run, "cpu_us_per_call")),
+                "{run}"
+            );
+        }
+        assert!(text.contains("us per call in this process"), "{text}");
+        assert!(comparisons_have_cpu(&doc), "{doc}");
     }
-    assert!(text.contains("us per call in this process"), "{text}");
 
     let comparisons = doc["comparisons"].as_array().expect("comparisons");
     assert_eq!(comparisons.len(), 2);
     assert!(comparisons.iter().all(|c| f(c, "p50_ratio") > 0.0));
-    assert!(comparisons.iter().all(|c| f(c, "cpu_ratio") > 0.0));
 
     // One .hgrm per run; each parses back to its run's successful calls.
     for (run, label) in runs.iter().zip(["remote_c_4", "local_c_4", "raw_c_4"]) {

@@ -144,3 +144,46 @@ async fn a_large_payload_travels_in_large_datagrams_over_loopback() {
     client.close().await;
     server.stop().await;
 }
+
+/// A call run by reference is sent whole every time, deadline included;
+/// the SDK refuses a call over its own limits before sending it (the error
+/// says so: it is not a server's answer), and the connection goes on.
+#[tokio::test]
+async fn a_call_runs_by_reference_and_the_sdk_checks_its_own_limits() {
+    let server = server_with(|_| {}).await;
+    let mut config = crate::support::config(&server);
+    config.limits.max_header_len = 256;
+    config.limits.max_payload_len = 1024;
+    let client = quasar_client::Client::connect(config)
+        .await
+        .expect("connect");
+    let data: Vec<u32> = (0..100).collect();
+    let call = Call::new(ECHO_KERNEL)
+        .input("v", &data)
+        .deadline(std::time::Duration::from_secs(5));
+    for _ in 0..3 {
+        let r = client.execute(&call).await.expect("echo");
+        assert_eq!(r.output::<u32>("v").expect("v"), &data[..]);
+    }
+    let long_name = "n".repeat(300);
+    let e = client
+        .execute(Call::new(ECHO_KERNEL).input(long_name.as_str(), &[1u32]))
+        .await
+        .expect_err("header over the limit");
+    assert!(
+        matches!(e, quasar_client::CallError::InvalidCall(_)),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("limit of 256 bytes"), "{e}");
+    let e = client
+        .execute(Call::new(ECHO_KERNEL).input("v", &[0u32; 300]))
+        .await
+        .expect_err("payload over the limit");
+    assert!(
+        e.to_string()
+            .contains("payload of 1200 bytes exceeds the limit of 1024 bytes"),
+        "{e}"
+    );
+    client.execute(&call).await.expect("still serving");
+    server.stop().await;
+}

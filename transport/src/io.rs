@@ -343,6 +343,13 @@ pub async fn write_frame_chunks(
     head: Bytes,
     payload: &[Bytes],
 ) -> Result<(), WriteError> {
+    debug_assert_eq!(
+        head.get(12..PREFIX_LEN)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_le_bytes),
+        Some(payload.iter().map(|b| b.len() as u64).sum::<u64>()),
+        "a frame head built for another payload"
+    );
     // Most frames have a payload of one or two pieces: those are handed
     // over from the stack, without a list allocated per call.
     match payload {

@@ -241,7 +241,7 @@ where
 
 impl RequestHeader {
     /// The header as borrowed parts.
-    pub fn as_ref(&self) -> RequestHeaderRef<'_> {
+    pub fn borrowed(&self) -> RequestHeaderRef<'_> {
         RequestHeaderRef {
             kernel: &self.kernel,
             args: &self.args,
@@ -416,7 +416,8 @@ where
         // archived here, on each thread's reused buffer, and copied out.
         static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
     }
-    let mut scratch = SCRATCH.take();
+    // A thread being torn down has no scratch buffer left: a fresh one.
+    let mut scratch = SCRATCH.try_with(std::cell::Cell::take).unwrap_or_default();
     scratch.clear();
     scratch.resize(PREFIX_LEN, 0);
     let archived = rkyv::api::high::to_bytes_in::<_, rancor::Error>(header, AfterPrefix(scratch));
@@ -430,7 +431,7 @@ where
     let frame = bytes::Bytes::from(scratch.to_vec());
     // A rare huge header does not pin its memory to the thread.
     if scratch.capacity() <= MAX_SCRATCH {
-        SCRATCH.set(scratch);
+        let _ = SCRATCH.try_with(|s| s.set(scratch));
     }
     Ok(frame)
 }
@@ -520,7 +521,11 @@ impl PayloadLayout {
     pub fn total_of<'a>(
         buffers: impl IntoIterator<Item = (&'a str, ElemType, u64)>,
     ) -> Result<usize, WireError> {
-        Self::slots_of(buffers).try_fold(0, |_, slot| slot.map(|s| s.end))
+        // Every slot is walked (an error stops the walk); the last one ends
+        // the payload.
+        Self::slots_of(buffers)
+            .last()
+            .map_or(Ok(0), |slot| slot.map(|s| s.end))
     }
 
     /// Total payload length in bytes.
@@ -538,11 +543,20 @@ impl PayloadLayout {
     /// # Errors
     /// [`WireError::PayloadLength`] on any difference.
     pub fn check_len(&self, payload_len: u64) -> Result<(), WireError> {
-        if payload_len as u128 == self.total as u128 {
+        Self::check_total(self.total, payload_len)
+    }
+
+    /// Checks that a declared payload length is exactly `total`, a layout's
+    /// length (from [`PayloadLayout::total_of`], say).
+    ///
+    /// # Errors
+    /// [`WireError::PayloadLength`] on any difference.
+    pub fn check_total(total: usize, payload_len: u64) -> Result<(), WireError> {
+        if payload_len as u128 == total as u128 {
             Ok(())
         } else {
             Err(WireError::PayloadLength {
-                expected: self.total as u64,
+                expected: total as u64,
                 actual: payload_len,
             })
         }
@@ -660,11 +674,11 @@ mod tests {
         ) {
             let owned = encode_request(&header).expect("encode");
             let borrowed =
-                rkyv::api::high::to_bytes::<rancor::Error>(&header.as_ref()).expect("encode");
+                rkyv::api::high::to_bytes::<rancor::Error>(&header.borrowed()).expect("encode");
             proptest::prop_assert_eq!(&owned[..], &borrowed[..]);
 
             let payload = [bytes::Bytes::from(vec![7u8; payload_len])];
-            let frame = encode_request_frame(&header.as_ref(), &payload).expect("frame");
+            let frame = encode_request_frame(&header.borrowed(), &payload).expect("frame");
             let prefix: [u8; PREFIX_LEN] = frame[..PREFIX_LEN].try_into().expect("prefix");
             let prefix = Prefix::decode(&prefix, FrameKind::Request, &crate::Limits::default())
                 .expect("prefix decodes");

@@ -8,7 +8,7 @@
 
 use std::ops::Range;
 
-use quasar_transport::wire::{ArchivedRequestHeader, PayloadLayout, WireError};
+use quasar_transport::wire::{ArchivedRequestHeader, PayloadLayout};
 use quasar_transport::{ElemType, Limits, Scalar, StatusCode};
 
 use super::rules::Vars;
@@ -116,15 +116,7 @@ pub fn plan_echo(
             .map(|b| (b.name.as_str(), b.elem.to_native(), b.len.to_native())),
     )
     .map_err(|e| invalid(e.to_string()))?;
-    if payload_len != total as u64 {
-        return Err(invalid(
-            WireError::PayloadLength {
-                expected: total as u64,
-                actual: payload_len,
-            }
-            .to_string(),
-        ));
-    }
+    PayloadLayout::check_total(total, payload_len).map_err(|e| invalid(e.to_string()))?;
     Ok(req
         .buffers
         .iter()
@@ -455,6 +447,28 @@ mod tests {
             .expect("layout")
             .total() as u64;
         plan(0, k, archived, payload, &Limits::default(), &CAPS)
+    }
+
+    #[test]
+    fn the_echo_plan_checks_the_payload_length_against_its_buffers() {
+        let h = RequestHeader {
+            kernel: quasar_transport::ECHO_KERNEL.into(),
+            args: Vec::new(),
+            buffers: vec![buf("a", ElemType::F32, 3), buf("b", ElemType::U32, 2)],
+            timeout_us: None,
+            workgroups: None,
+        };
+        let bytes = encode_request(&h).expect("encode");
+        let archived = access_request(&bytes).expect("access");
+        let limits = Limits::default();
+        // 12 bytes, padded to 16, then 8.
+        let back = plan_echo(archived, 24, &limits).expect("planned");
+        assert_eq!(back, h.buffers);
+        for wrong in [0, 20, 23, 25] {
+            let e = plan_echo(archived, wrong, &limits).expect_err("wrong length");
+            assert_eq!(e.code, StatusCode::InvalidArgument);
+            assert!(e.message.contains("24"), "{}", e.message);
+        }
     }
 
     fn saxpy(n: u64) -> RequestHeader {
