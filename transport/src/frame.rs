@@ -109,6 +109,14 @@ impl Prefix {
         out
     }
 
+    /// The payload length an encoded prefix declares, unchecked: for
+    /// asserting what this side wrote, never for reading a peer's (that is
+    /// [`Prefix::decode`]). `None` if `bytes` is shorter than a prefix.
+    pub(crate) fn declared_payload_len(bytes: &[u8]) -> Option<u64> {
+        let at = bytes.get(12..PREFIX_LEN)?;
+        Some(u64::from_le_bytes(at.try_into().ok()?))
+    }
+
     /// Decodes a prefix and checks it against `expected` kind and `limits`.
     ///
     /// # Errors
@@ -202,6 +210,11 @@ mod tests {
             Prefix::decode(&bytes, FrameKind::Request, &Limits::default()),
             Ok(prefix())
         );
+        assert_eq!(
+            Prefix::declared_payload_len(&bytes),
+            Some(prefix().payload_len)
+        );
+        assert_eq!(Prefix::declared_payload_len(&bytes[..PREFIX_LEN - 1]), None);
     }
 
     #[test]

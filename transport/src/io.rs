@@ -344,9 +344,7 @@ pub async fn write_frame_chunks(
     payload: &[Bytes],
 ) -> Result<(), WriteError> {
     debug_assert_eq!(
-        head.get(12..PREFIX_LEN)
-            .and_then(|b| <[u8; 8]>::try_from(b).ok())
-            .map(u64::from_le_bytes),
+        Prefix::declared_payload_len(&head),
         Some(payload.iter().map(|b| b.len() as u64).sum::<u64>()),
         "a frame head built for another payload"
     );

@@ -13,6 +13,7 @@
 
 use std::ops::Range;
 
+use bytes::Bytes;
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
 use rkyv::{Archive, Deserialize, Serialize};
@@ -358,14 +359,10 @@ pub fn access_response(bytes: &[u8]) -> Result<&ArchivedResponseHeader, WireErro
 /// [`WireError::Archive`] if serialization fails (it does not for well-formed
 /// values; the error is kept rather than unwrapped).
 pub fn encode_request(header: &RequestHeader) -> Result<AlignedVec, WireError> {
-    rkyv::api::high::to_bytes_in::<_, rancor::Error>(header, header_buffer())
+    // Sized so that a typical header (a kernel name and a few buffer and
+    // argument names) is written without growing the buffer.
+    rkyv::api::high::to_bytes_in::<_, rancor::Error>(header, AlignedVec::with_capacity(256))
         .map_err(WireError::Archive)
-}
-
-/// A buffer for archiving a header, sized so that a typical one (a kernel
-/// name and a few buffer and argument names) is written without growing it.
-fn header_buffer() -> AlignedVec {
-    AlignedVec::with_capacity(256)
 }
 
 /// A request frame's prefix and header archive in one buffer, for a
@@ -378,8 +375,8 @@ fn header_buffer() -> AlignedVec {
 /// As [`encode_request`].
 pub fn encode_request_frame(
     header: &RequestHeaderRef<'_>,
-    payload: &[bytes::Bytes],
-) -> Result<bytes::Bytes, WireError> {
+    payload: &[Bytes],
+) -> Result<Bytes, WireError> {
     encode_frame(FrameKind::Request, header, payload)
 }
 
@@ -390,16 +387,12 @@ pub fn encode_request_frame(
 /// As [`encode_request`].
 pub fn encode_response_frame(
     header: &ResponseHeader,
-    payload: &[bytes::Bytes],
-) -> Result<bytes::Bytes, WireError> {
+    payload: &[Bytes],
+) -> Result<Bytes, WireError> {
     encode_frame(FrameKind::Response, header, payload)
 }
 
-fn encode_frame<T>(
-    kind: FrameKind,
-    header: &T,
-    payload: &[bytes::Bytes],
-) -> Result<bytes::Bytes, WireError>
+fn encode_frame<T>(kind: FrameKind, header: &T, payload: &[Bytes]) -> Result<Bytes, WireError>
 where
     T: for<'a> Serialize<
         rkyv::api::high::HighSerializer<
@@ -428,7 +421,7 @@ where
         payload_len: payload.iter().map(|b| b.len() as u64).sum(),
     };
     scratch[..PREFIX_LEN].copy_from_slice(&prefix.encode());
-    let frame = bytes::Bytes::from(scratch.to_vec());
+    let frame = Bytes::copy_from_slice(&scratch);
     // A rare huge header does not pin its memory to the thread.
     if scratch.capacity() <= MAX_SCRATCH {
         let _ = SCRATCH.try_with(|s| s.set(scratch));
@@ -456,15 +449,6 @@ impl<E> rkyv::ser::Writer<E> for AfterPrefix {
         self.0.extend_from_slice(bytes);
         Ok(())
     }
-}
-
-/// Archives a response header.
-///
-/// # Errors
-/// As [`encode_request`].
-pub fn encode_response(header: &ResponseHeader) -> Result<AlignedVec, WireError> {
-    rkyv::api::high::to_bytes_in::<_, rancor::Error>(header, header_buffer())
-        .map_err(WireError::Archive)
 }
 
 /// Where each buffer sits in a payload.
@@ -677,7 +661,7 @@ mod tests {
                 rkyv::api::high::to_bytes::<rancor::Error>(&header.borrowed()).expect("encode");
             proptest::prop_assert_eq!(&owned[..], &borrowed[..]);
 
-            let payload = [bytes::Bytes::from(vec![7u8; payload_len])];
+            let payload = [Bytes::from(vec![7u8; payload_len])];
             let frame = encode_request_frame(&header.borrowed(), &payload).expect("frame");
             let prefix: [u8; PREFIX_LEN] = frame[..PREFIX_LEN].try_into().expect("prefix");
             let prefix = Prefix::decode(&prefix, FrameKind::Request, &crate::Limits::default())
@@ -701,10 +685,8 @@ mod tests {
         aligned.extend_from_slice(&frame[PREFIX_LEN..]);
         let archived = access_response(&aligned).expect("access");
         assert_eq!(archived.message.as_str(), "no kernel `x`");
-        assert_eq!(
-            &frame[PREFIX_LEN..],
-            &encode_response(&header).expect("encode")[..]
-        );
+        let alone = rkyv::api::high::to_bytes::<rancor::Error>(&header).expect("encode");
+        assert_eq!(&frame[PREFIX_LEN..], &alone[..]);
     }
 
     #[test]
