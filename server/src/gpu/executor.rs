@@ -22,10 +22,11 @@
 //!
 //! Copies of payload bytes on the way (counted in [`ExecutorStats`]): the
 //! request payload arrives as the chunks QUIC decrypted, which are copied
-//! once, straight into wgpu's staging memory (`queue.write_buffer_with`);
-//! the GPU copies staging to storage buffer and storage to readback buffer;
-//! the mapped readback buffer is copied once into the response payload,
-//! which QUIC sends without copying it again. One user-space copy each way.
+//! once, straight into the batch's upload buffer (pooled, and kept mapped
+//! between uses); the GPU copies upload to storage buffer and storage to
+//! readback buffer; the mapped readback buffer is copied once into the
+//! response payload, which QUIC sends without copying it again. One
+//! user-space copy each way.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -1012,8 +1013,9 @@ impl Worker {
         });
         let mut prepared = Vec::with_capacity(jobs.len());
         for (job, compiled) in jobs.iter().zip(&sets) {
-            prepared.push(prepare_call(gpu, &mut encoder, job, compiled, &self.stats));
+            prepared.push(prepare_call(gpu, &mut encoder, job, compiled));
         }
+        let staging = upload(gpu, &mut encoder, jobs, &prepared, &self.stats)?;
         // With timestamps each call has its own pass (the queries time a
         // pass); without, every call shares one, which saves lavapipe a
         // pass set-up per call.
@@ -1071,6 +1073,17 @@ impl Worker {
             }
         }
         drop(map_tx);
+        // Mapped again as soon as the GPU has copied out of them, so they go
+        // back to the pool ready for the next batch: the wait below
+        // completes these maps too.
+        let (restage_tx, restaged) = std::sync::mpsc::channel();
+        for (i, b) in staging.iter().enumerate() {
+            let tx = restage_tx.clone();
+            b.map_async(wgpu::MapMode::Write, .., move |r| {
+                let _ = tx.send((i, r));
+            });
+        }
+        drop(restage_tx);
         let polled = device.poll(wgpu::PollType::Wait {
             submission_index: Some(submission),
             timeout: Some(self.config.poll_timeout),
@@ -1092,6 +1105,19 @@ impl Worker {
                 .err()
                 .map(|e| BatchError::All(ExecError::Gpu(format!("waiting for the GPU: {e}"))))
         };
+        let mut remapped = vec![false; staging.len()];
+        for (i, r) in restaged.try_iter() {
+            remapped[i] = r.is_ok();
+        }
+        for (b, remapped) in staging.into_iter().zip(remapped) {
+            // Only a mapped buffer may go back (the pool hands them out
+            // mapped), and none after a failure, as below.
+            if remapped && failure.is_none() {
+                gpu.pool.release(PoolKind::Upload, b);
+            } else {
+                b.destroy();
+            }
+        }
         let stamps = gpu.timestamps.as_ref().map(|ts| f64::from(ts.period_ns));
         let mut outputs = Vec::with_capacity(jobs.len());
         for ((job, p), mapped) in jobs.iter().zip(prepared).zip(mapped) {
@@ -1145,14 +1171,14 @@ fn unavailable() -> ExecError {
     ExecError::Unavailable("the GPU device was lost and is being recreated; retry the call".into())
 }
 
-/// Sets one call up in the batch: buffers from the pool, inputs and
-/// arguments written, its bind group, outputs cleared, a readback buffer.
+/// Sets one call up in the batch: buffers from the pool, its bind group,
+/// outputs cleared, a readback buffer. Its inputs and arguments are
+/// written by [`upload`].
 fn prepare_call(
     gpu: &mut Gpu,
     encoder: &mut wgpu::CommandEncoder,
     job: &Job,
     compiled: &[Compiled],
-    stats: &ExecutorStats,
 ) -> Prepared {
     let plan = &job.plan;
     let kernel = &compiled[plan.kernel];
@@ -1163,35 +1189,11 @@ fn prepare_call(
         .iter()
         .map(|&len| gpu.pool.acquire(device, PoolKind::Storage, len * 4))
         .collect();
-    let mut copied = 0u64;
-    for (idx, range) in &plan.sent {
-        // Straight from the received chunks into staging memory. A view
-        // refused by wgpu (a validation error) fails the batch through the
-        // error scope.
-        let Some(size) = NonZeroU64::new(range.len() as u64) else {
-            continue;
-        };
-        if let Some(mut view) = gpu.queue.write_buffer_with(&buffers[*idx], 0, size) {
-            let whole = job.payload.for_each_piece(range.clone(), |at, piece| {
-                view.slice(at..at + piece.len()).copy_from_slice(piece);
-                copied += piece.len() as u64;
-            });
-            // `plan` checked the ranges against the payload; should that
-            // ever fail, the pooled buffer must not keep a previous call's
-            // bytes.
-            if !whole {
-                tracing::error!(kernel = %iface.name, "an input range lies outside its payload; the buffer is cleared");
-                encoder.clear_buffer(&buffers[*idx], 0, None);
-            }
-        }
-    }
-    stats.bytes_copied_in.fetch_add(copied, Ordering::Relaxed);
     // Each call has its own uniform block: calls of one kernel in one batch
     // carry different arguments.
     let uniform = iface.params.as_ref().map(|p| {
         let size = u64::from(p.size.div_ceil(16) * 16);
         let buf = gpu.pool.acquire(device, PoolKind::Uniform, size);
-        gpu.queue.write_buffer(&buf, 0, &plan.params);
         (p.binding, buf, size)
     });
 
@@ -1249,6 +1251,172 @@ fn prepare_call(
         map_len,
         stamps_at,
     }
+}
+
+/// Where one piece of a batch's input waits in the batch's staging memory.
+struct Upload {
+    /// The call, by its index in the batch.
+    call: usize,
+    to: UploadTo,
+    /// Which staging buffer, and where in it.
+    staging: usize,
+    at: u64,
+    /// Bytes to copy, a multiple of [`wgpu::COPY_BUFFER_ALIGNMENT`].
+    len: u64,
+}
+
+/// Lays a batch's input pieces out one after another in staging buffers of
+/// at most `cap` bytes each, every piece at a copy-aligned offset.
+struct StagingLayout {
+    cap: u64,
+    /// The bytes used of each staging buffer so far.
+    sizes: Vec<u64>,
+}
+
+impl StagingLayout {
+    fn new(cap: u64) -> Self {
+        Self {
+            cap,
+            sizes: Vec::new(),
+        }
+    }
+
+    /// Where a piece of `len` bytes goes: the staging buffer, the offset in
+    /// it, and the length rounded up to [`wgpu::COPY_BUFFER_ALIGNMENT`]
+    /// (a copy's size must be a multiple of it). A piece longer than `cap`
+    /// gets a buffer of its own, which wgpu then refuses.
+    fn place(&mut self, len: u64) -> (usize, u64, u64) {
+        let align = wgpu::COPY_BUFFER_ALIGNMENT;
+        let len = len.div_ceil(align) * align;
+        let last = self.sizes.len().wrapping_sub(1);
+        match self.sizes.last_mut() {
+            Some(used) if used.saturating_add(len) <= self.cap => {
+                let at = *used;
+                *used += len;
+                (last, at, len)
+            }
+            _ => {
+                self.sizes.push(len);
+                (self.sizes.len() - 1, 0, len)
+            }
+        }
+    }
+}
+
+/// What an [`Upload`] fills.
+enum UploadTo {
+    /// A storage buffer of the call (by index), from this range of its
+    /// payload.
+    Buffer(usize, std::ops::Range<usize>),
+    /// The call's uniform block, from its packed arguments.
+    Params,
+}
+
+/// Writes the inputs and arguments of every call of a batch into staging
+/// memory shared by the batch, and encodes the copies from there into the
+/// calls' buffers.
+///
+/// `Queue::write_buffer` would allocate a staging buffer per write: three
+/// for a saxpy call, each a search of the device allocator's free list
+/// that grew with the number of live buffers (about a quarter of the GPU
+/// thread's time per call at concurrency 64, BENCHMARKS.md). Here a batch
+/// takes one from the pool, mapped (more only if it needs more than the
+/// device's largest buffer). The payload chunks are still copied once,
+/// straight into mapped memory.
+fn upload(
+    gpu: &mut Gpu,
+    encoder: &mut wgpu::CommandEncoder,
+    jobs: &[Job],
+    prepared: &[Prepared],
+    stats: &ExecutorStats,
+) -> Result<Vec<wgpu::Buffer>, BatchError> {
+    // Each piece fits in one buffer of the device (its destination does).
+    let mut layout = StagingLayout::new(gpu.caps.max_buffer_size);
+    let mut uploads = Vec::new();
+    let mut place = |call: usize, to: UploadTo, len: u64| {
+        let (staging, at, len) = layout.place(len);
+        uploads.push(Upload {
+            call,
+            to,
+            staging,
+            at,
+            len,
+        });
+    };
+    for (call, (job, p)) in jobs.iter().zip(prepared).enumerate() {
+        for (idx, range) in &job.plan.sent {
+            if !range.is_empty() {
+                place(
+                    call,
+                    UploadTo::Buffer(*idx, range.clone()),
+                    range.len() as u64,
+                );
+            }
+        }
+        if p.uniform.is_some() && !job.plan.params.is_empty() {
+            place(call, UploadTo::Params, job.plan.params.len() as u64);
+        }
+    }
+    let sizes = layout.sizes;
+    let staging: Vec<wgpu::Buffer> = sizes
+        .iter()
+        .map(|&size| gpu.pool.acquire(&gpu.device, PoolKind::Upload, size))
+        .collect();
+    let mut views = staging
+        .iter()
+        .zip(&sizes)
+        .map(|(b, &size)| b.get_mapped_range_mut(..size))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| BatchError::Validation(format!("mapping the batch's staging memory: {e}")))?;
+    let mut copied = 0u64;
+    let mut whole = vec![true; uploads.len()];
+    for (u, whole) in uploads.iter().zip(&mut whole) {
+        let view = &mut views[u.staging];
+        let at = u.at as usize;
+        match &u.to {
+            UploadTo::Buffer(_, range) => {
+                *whole = jobs[u.call]
+                    .payload
+                    .for_each_piece(range.clone(), |off, piece| {
+                        view.slice(at + off..at + off + piece.len())
+                            .copy_from_slice(piece);
+                        copied += piece.len() as u64;
+                    });
+            }
+            UploadTo::Params => {
+                let params = &jobs[u.call].plan.params;
+                view.slice(at..at + params.len()).copy_from_slice(params);
+            }
+        }
+    }
+    drop(views);
+    for b in &staging {
+        b.unmap();
+    }
+    stats.bytes_copied_in.fetch_add(copied, Ordering::Relaxed);
+    for (u, whole) in uploads.iter().zip(whole) {
+        let p = &prepared[u.call];
+        let to = match &u.to {
+            UploadTo::Buffer(idx, _) => &p.buffers[*idx],
+            UploadTo::Params => match &p.uniform {
+                Some(b) => b,
+                None => continue,
+            },
+        };
+        if whole {
+            encoder.copy_buffer_to_buffer(&staging[u.staging], u.at, to, 0, Some(u.len));
+        } else {
+            // `plan` checked the ranges against the payload; should that
+            // ever fail, the pooled buffer must not keep a previous call's
+            // bytes.
+            tracing::error!(
+                kernel = %jobs[u.call].kernels.kernels[jobs[u.call].plan.kernel].name,
+                "an input range lies outside its payload; the buffer is cleared"
+            );
+            encoder.clear_buffer(to, 0, None);
+        }
+    }
+    Ok(staging)
 }
 
 /// Dispatches every stage of one call, in order.
@@ -1446,4 +1614,27 @@ fn compile(
         bind_group_layout,
         pipelines,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StagingLayout;
+
+    #[test]
+    fn staging_pieces_are_aligned_and_split_at_the_cap() {
+        let mut layout = StagingLayout::new(64);
+        // Lengths round up to the copy alignment, offsets follow on.
+        assert_eq!(layout.place(8), (0, 0, 8));
+        assert_eq!(layout.place(5), (0, 8, 8));
+        assert_eq!(layout.place(48), (0, 16, 48));
+        // Full: the next piece starts another buffer.
+        assert_eq!(layout.place(4), (1, 0, 4));
+        assert_eq!(layout.place(60), (1, 4, 60));
+        // A piece of the cap's size fits alone; one past it gets its own
+        // buffer too (and wgpu refuses to create it).
+        assert_eq!(layout.place(64), (2, 0, 64));
+        assert_eq!(layout.place(100), (3, 0, 100));
+        assert_eq!(layout.place(1), (4, 0, 4));
+        assert_eq!(layout.sizes, vec![64, 64, 64, 100, 4]);
+    }
 }

@@ -9,6 +9,11 @@
 //! Reused buffers hold a previous call's data: the executor overwrites every
 //! byte it binds (inputs are written, outputs and scratch are cleared) and
 //! zeroes response padding, so nothing leaks from one call to another.
+//!
+//! [`PoolKind::Upload`] buffers, where a batch's inputs wait for the GPU to
+//! copy them, are created mapped and are only released mapped again (the
+//! executor maps them as soon as their batch is submitted, and the wait for
+//! the batch completes the map), so an acquired one can be written at once.
 
 use std::collections::HashMap;
 
@@ -21,6 +26,9 @@ pub enum PoolKind {
     Readback,
     /// A call's uniform block (its scalar arguments).
     Uniform,
+    /// Staging memory a batch's inputs are written into, mapped for
+    /// writing whenever it is in the pool.
+    Upload,
 }
 
 impl PoolKind {
@@ -33,6 +41,7 @@ impl PoolKind {
             }
             Self::Readback => wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             Self::Uniform => wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            Self::Upload => wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC,
         }
     }
 
@@ -41,6 +50,7 @@ impl PoolKind {
             Self::Storage => "quasar storage",
             Self::Readback => "quasar readback",
             Self::Uniform => "quasar uniform",
+            Self::Upload => "quasar upload",
         }
     }
 }
@@ -86,7 +96,8 @@ impl BufferPool {
         }
     }
 
-    /// A buffer of at least `bytes` bytes.
+    /// A buffer of at least `bytes` bytes ([`PoolKind::Upload`] ones
+    /// mapped for writing).
     pub fn acquire(&mut self, device: &wgpu::Device, kind: PoolKind, bytes: u64) -> wgpu::Buffer {
         let class = self.class(bytes);
         if let Some(buf) = self.free.get_mut(&(kind, class)).and_then(Vec::pop) {
@@ -99,11 +110,12 @@ impl BufferPool {
             label: Some(kind.label()),
             size: class,
             usage: kind.usage(),
-            mapped_at_creation: false,
+            mapped_at_creation: kind == PoolKind::Upload,
         })
     }
 
-    /// Returns a buffer to the pool, or frees it if the pool is full.
+    /// Returns a buffer to the pool, or frees it if the pool is full. An
+    /// [`PoolKind::Upload`] buffer must be mapped for writing.
     pub fn release(&mut self, kind: PoolKind, buf: wgpu::Buffer) {
         let class = buf.size();
         if self.stats.cached_bytes + class > self.max_cached_bytes {
