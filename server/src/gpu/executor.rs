@@ -1015,7 +1015,23 @@ impl Worker {
         for (job, compiled) in jobs.iter().zip(&sets) {
             prepared.push(prepare_call(gpu, &mut encoder, job, compiled));
         }
-        let staging = upload(gpu, &mut encoder, jobs, &prepared, &self.stats)?;
+        let staging = match upload(gpu, &mut encoder, jobs, &prepared, &self.stats) {
+            Ok(staging) => staging,
+            // An upload buffer that cannot be mapped is an invalid one: on
+            // a device lost meanwhile (a retry will run on the new one),
+            // or one wgpu refused, whose reason is in the error scope.
+            Err(e) if gpu.lost.load(Ordering::SeqCst) => {
+                tracing::debug!(error = %e, "upload buffer on a lost device");
+                return Err(BatchError::All(unavailable()));
+            }
+            Err(e) => {
+                let cause = scope.pop().now_or_never().flatten();
+                return Err(BatchError::Validation(match cause {
+                    Some(c) => format!("{e}: {c}"),
+                    None => e,
+                }));
+            }
+        };
         // With timestamps each call has its own pass (the queries time a
         // pass); without, every call shares one, which saves lavapipe a
         // pass set-up per call.
@@ -1318,18 +1334,18 @@ enum UploadTo {
 ///
 /// `Queue::write_buffer` would allocate a staging buffer per write: three
 /// for a saxpy call, each a search of the device allocator's free list
-/// that grew with the number of live buffers (about a quarter of the GPU
-/// thread's time per call at concurrency 64, BENCHMARKS.md). Here a batch
-/// takes one from the pool, mapped (more only if it needs more than the
-/// device's largest buffer). The payload chunks are still copied once,
-/// straight into mapped memory.
+/// that grew with the number of live buffers (about a fifth of the GPU
+/// thread's time at concurrency 64; BENCHMARKS.md, "Upload buffers").
+/// Here a batch takes one from the pool, mapped (more only if it needs
+/// more than the device's largest buffer). The payload chunks are still
+/// copied once, straight into mapped memory.
 fn upload(
     gpu: &mut Gpu,
     encoder: &mut wgpu::CommandEncoder,
     jobs: &[Job],
     prepared: &[Prepared],
     stats: &ExecutorStats,
-) -> Result<Vec<wgpu::Buffer>, BatchError> {
+) -> Result<Vec<wgpu::Buffer>, String> {
     // Each piece fits in one buffer of the device (its destination does).
     let mut layout = StagingLayout::new(gpu.caps.max_buffer_size);
     let mut uploads = Vec::new();
@@ -1367,7 +1383,7 @@ fn upload(
         .zip(&sizes)
         .map(|(b, &size)| b.get_mapped_range_mut(..size))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| BatchError::Validation(format!("mapping the batch's staging memory: {e}")))?;
+        .map_err(|e| format!("mapping the batch's upload buffer: {e}"))?;
     let mut copied = 0u64;
     let mut whole = vec![true; uploads.len()];
     for (u, whole) in uploads.iter().zip(&mut whole) {
@@ -1382,10 +1398,12 @@ fn upload(
                             .copy_from_slice(piece);
                         copied += piece.len() as u64;
                     });
+                pad(view, at + range.len(), u);
             }
             UploadTo::Params => {
                 let params = &jobs[u.call].plan.params;
                 view.slice(at..at + params.len()).copy_from_slice(params);
+                pad(view, at + params.len(), u);
             }
         }
     }
@@ -1417,6 +1435,18 @@ fn upload(
         }
     }
     Ok(staging)
+}
+
+/// Zeroes what is left of an upload's aligned length after its bytes,
+/// from `from` on: a reused upload buffer holds an earlier batch's bytes,
+/// which the copy would carry into this call's buffer. (Every element type
+/// and uniform block is a whole number of 4-byte words today, so this
+/// never has work to do; it keeps a future 2-byte type from leaking.)
+fn pad(view: &mut wgpu::BufferViewMut, from: usize, u: &Upload) {
+    let end = (u.at + u.len) as usize;
+    if from < end {
+        view.slice(from..end).fill(0);
+    }
 }
 
 /// Dispatches every stage of one call, in order.
