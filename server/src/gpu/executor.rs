@@ -1385,26 +1385,42 @@ fn upload(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("mapping the batch's upload buffer: {e}"))?;
     let mut copied = 0u64;
-    let mut whole = vec![true; uploads.len()];
-    for (u, whole) in uploads.iter().zip(&mut whole) {
+    for u in &uploads {
         let view = &mut views[u.staging];
         let at = u.at as usize;
-        match &u.to {
+        let written = match &u.to {
             UploadTo::Buffer(_, range) => {
-                *whole = jobs[u.call]
-                    .payload
-                    .for_each_piece(range.clone(), |off, piece| {
-                        view.slice(at + off..at + off + piece.len())
-                            .copy_from_slice(piece);
-                        copied += piece.len() as u64;
-                    });
-                pad(view, at + range.len(), u);
+                let job = &jobs[u.call];
+                let whole = job.payload.for_each_piece(range.clone(), |off, piece| {
+                    view.slice(at + off..at + off + piece.len())
+                        .copy_from_slice(piece);
+                    copied += piece.len() as u64;
+                });
+                if whole {
+                    range.len()
+                } else {
+                    // `plan` checked the ranges against the payload; should
+                    // that ever fail, the call's buffer gets zeros below.
+                    tracing::error!(
+                        kernel = %job.kernels.kernels[job.plan.kernel].name,
+                        "an input range lies outside its payload; the buffer is zeroed"
+                    );
+                    0
+                }
             }
             UploadTo::Params => {
                 let params = &jobs[u.call].plan.params;
                 view.slice(at..at + params.len()).copy_from_slice(params);
-                pad(view, at + params.len(), u);
+                params.len()
             }
+        };
+        // A reused upload buffer holds an earlier batch's bytes: whatever
+        // of the piece's aligned length was not written is zeroed, so the
+        // copy cannot carry them into this call. (Every element type and
+        // uniform block is whole 4-byte words, so normally nothing is.)
+        let end = at + u.len as usize;
+        if at + written < end {
+            view.slice(at + written..end).fill(0);
         }
     }
     drop(views);
@@ -1412,41 +1428,17 @@ fn upload(
         b.unmap();
     }
     stats.bytes_copied_in.fetch_add(copied, Ordering::Relaxed);
-    for (u, whole) in uploads.iter().zip(whole) {
+    for u in &uploads {
         let p = &prepared[u.call];
-        let to = match &u.to {
-            UploadTo::Buffer(idx, _) => &p.buffers[*idx],
-            UploadTo::Params => match &p.uniform {
-                Some(b) => b,
-                None => continue,
-            },
+        let to = match (&u.to, &p.uniform) {
+            (UploadTo::Buffer(idx, _), _) => &p.buffers[*idx],
+            (UploadTo::Params, Some(uniform)) => uniform,
+            // Not placed: arguments are uploaded only to a uniform block.
+            (UploadTo::Params, None) => continue,
         };
-        if whole {
-            encoder.copy_buffer_to_buffer(&staging[u.staging], u.at, to, 0, Some(u.len));
-        } else {
-            // `plan` checked the ranges against the payload; should that
-            // ever fail, the pooled buffer must not keep a previous call's
-            // bytes.
-            tracing::error!(
-                kernel = %jobs[u.call].kernels.kernels[jobs[u.call].plan.kernel].name,
-                "an input range lies outside its payload; the buffer is cleared"
-            );
-            encoder.clear_buffer(to, 0, None);
-        }
+        encoder.copy_buffer_to_buffer(&staging[u.staging], u.at, to, 0, Some(u.len));
     }
     Ok(staging)
-}
-
-/// Zeroes what is left of an upload's aligned length after its bytes,
-/// from `from` on: a reused upload buffer holds an earlier batch's bytes,
-/// which the copy would carry into this call's buffer. (Every element type
-/// and uniform block is a whole number of 4-byte words today, so this
-/// never has work to do; it keeps a future 2-byte type from leaking.)
-fn pad(view: &mut wgpu::BufferViewMut, from: usize, u: &Upload) {
-    let end = (u.at + u.len) as usize;
-    if from < end {
-        view.slice(from..end).fill(0);
-    }
 }
 
 /// Dispatches every stage of one call, in order.
