@@ -3,13 +3,18 @@
 //! dispatched locally without the network. The difference is what the
 //! network path costs per call.
 //!
+//! Then 64 of those calls at once, remote and local: they reach the GPU
+//! executor together, so this times its batched path (one pooled upload
+//! buffer for the batch's inputs, one submission, the read-back) per call.
+//!
 //! `cargo bench -p quasar-benches --bench loopback`
 
 #![allow(missing_docs, clippy::expect_used)]
 
 use std::hint::black_box;
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use futures_util::future::join_all;
 use quasar::embedded::EmbeddedServer;
 use quasar_client::{Call, Client};
 use quasar_server::GpuConfig;
@@ -49,6 +54,27 @@ fn loopback(c: &mut Criterion) {
                     .await
                     .expect("dispatch"),
             )
+        })
+    });
+    group.finish();
+
+    const BATCH: usize = 64;
+    let mut group = c.benchmark_group("saxpy_1024_64_at_once");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.bench_function("remote_loopback_calls", |b| {
+        b.to_async(&rt).iter(|| async {
+            let calls = (0..BATCH).map(|_| client.execute(&call));
+            for r in join_all(calls).await {
+                black_box(r.expect("call"));
+            }
+        })
+    });
+    group.bench_function("local_dispatches", |b| {
+        b.to_async(&rt).iter(|| async {
+            let calls = (0..BATCH).map(|_| local.dispatch(&header, payload.clone()));
+            for r in join_all(calls).await {
+                black_box(r.expect("dispatch"));
+            }
         })
     });
     group.finish();

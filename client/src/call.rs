@@ -70,9 +70,11 @@ impl Call {
         }
     }
 
-    /// Whether the SDK may retry this call after a lost connection or an
-    /// UNAVAILABLE answer (default: yes; kernels are pure). Turn it off for
-    /// a kernel whose effects must not be repeated.
+    /// Whether the SDK may retry this call after a lost connection, an
+    /// UNAVAILABLE answer or an attempt over the retry policy's
+    /// `per_try_timeout` (default: yes; kernels are pure). A retried call
+    /// may have run on the server already. Turn it off for a kernel whose
+    /// effects must not be repeated.
     pub fn retryable(mut self, retryable: bool) -> Self {
         self.retryable = retryable;
         self

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quasar_transport::tls::TlsError;
-use quasar_transport::{ElemType, ReadFrameError, StatusCode, Timings, WireError};
+use quasar_transport::{ElemType, FrameError, ReadFrameError, StatusCode, Timings, WireError};
 use thiserror::Error;
 
 /// Why [`crate::Client::connect`] failed.
@@ -38,6 +38,10 @@ pub enum ConnectError {
     /// No handshake within the connect timeout.
     #[error("no answer from the server within {0:?}")]
     Timeout(Duration),
+    /// A reconnection's task could not start or stopped before it
+    /// finished (no tokio runtime, or the runtime shutting down).
+    #[error("the reconnection was interrupted: {0}")]
+    Interrupted(String),
 }
 
 /// The server's response broke the protocol.
@@ -47,9 +51,20 @@ pub enum ProtocolError {
     /// The header archive is invalid.
     #[error(transparent)]
     Wire(#[from] WireError),
-    /// The status code is not one this client knows.
-    #[error("unknown status code {0}")]
-    UnknownStatus(u16),
+    /// The response's frame prefix failed its checks: not Quasar's magic,
+    /// a protocol version this client does not speak, or a header or
+    /// payload over this client's limits.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The status code is not one this client knows (a newer server's,
+    /// say); the server's message is kept.
+    #[error("unknown status code {code}: {message}")]
+    UnknownStatus {
+        /// The code as sent.
+        code: u16,
+        /// The server's message.
+        message: String,
+    },
     /// Bytes followed the response frame on its stream.
     #[error("{0} bytes after the end of the response")]
     Trailing(usize),
@@ -110,6 +125,10 @@ impl CallError {
             Self::Status { code, .. } => *code,
             Self::InvalidCall(_) => StatusCode::InvalidArgument,
             Self::DeadlineExceeded(_) | Self::AttemptTimeout(_) => StatusCode::DeadlineExceeded,
+            // The reply is larger than this client accepts.
+            Self::Protocol(ProtocolError::Frame(
+                FrameError::HeaderTooLarge { .. } | FrameError::PayloadTooLarge { .. },
+            )) => StatusCode::ResourceExhausted,
             Self::Protocol(_) => StatusCode::Internal,
             Self::Connection(_) | Self::Send(_) | Self::Receive(_) | Self::Reconnect { .. } => {
                 StatusCode::Unavailable
@@ -133,10 +152,13 @@ impl CallError {
         }
     }
 
-    /// True if the connection or stream failed, as opposed to the server
-    /// answering with a status.
+    /// True if the connection or stream failed (or could not be
+    /// re-established), as opposed to the server answering with a status.
     pub fn is_transport(&self) -> bool {
-        matches!(self, Self::Connection(_) | Self::Send(_) | Self::Receive(_))
+        matches!(
+            self,
+            Self::Connection(_) | Self::Send(_) | Self::Receive(_) | Self::Reconnect { .. }
+        )
     }
 }
 

@@ -55,6 +55,7 @@ use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 
 use quasar_transport::frame::{FrameKind, PREFIX_LEN};
 use quasar_transport::io::{FrameReader, write_frame_chunks};
@@ -98,8 +99,11 @@ pub struct ClientConfig {
 /// [`Call::retryable`]`(false)`. A lost connection is re-established before
 /// the next attempt. Attempts are spaced by exponential backoff with full
 /// jitter (a random wait up to the current backoff, which doubles from
-/// `initial_backoff` to `max_backoff`), and all of them together stay within
-/// the call's own deadline, if it has one.
+/// `initial_backoff` to `max_backoff`, never above `max_backoff`), and all
+/// of them together stay within the call's own deadline, if it has one.
+/// Each attempt tells the server the shorter of the call's remaining time
+/// and `per_try_timeout`, so the server stops working on an attempt the
+/// client has given up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// Attempts in all, the first included (1: no retries).
@@ -209,11 +213,11 @@ struct Inner {
     /// Behind an `Arc` because cloning a `quinn::Connection` itself locks
     /// the connection's state (contended with its driver) to count handles.
     conn: std::sync::RwLock<Arc<quinn::Connection>>,
-    /// Held while reconnecting, so concurrent calls reconnect once; holds
-    /// the number of dials so far and the last one's failure, so calls that
-    /// waited for a failed dial share its error instead of each dialling in
-    /// turn (N waiters would otherwise take N connect timeouts).
-    reconnecting: tokio::sync::Mutex<Dials>,
+    /// The dial under way, if any: concurrent calls that find the
+    /// connection lost share one dial and its outcome (N waiters dialling
+    /// in turn would take N connect timeouts). Held only briefly, never
+    /// across an await.
+    reconnecting: std::sync::Mutex<Option<Dial>>,
     /// The number of dials finished, readable without the lock.
     dials: std::sync::atomic::AtomicU64,
     /// Set by [`Client::close`]: a closed client never reconnects.
@@ -262,7 +266,7 @@ impl Client {
             inner: Arc::new(Inner {
                 endpoint,
                 conn: std::sync::RwLock::new(Arc::new(conn)),
-                reconnecting: tokio::sync::Mutex::new(Dials::default()),
+                reconnecting: std::sync::Mutex::new(None),
                 dials: std::sync::atomic::AtomicU64::new(0),
                 closed: std::sync::atomic::AtomicBool::new(false),
                 server: config.server,
@@ -288,62 +292,56 @@ impl Client {
     }
 
     /// The connection, re-established first if it was lost.
+    ///
+    /// The dial runs in a task of its own: a call whose deadline passes, or
+    /// whose future is dropped, while it waits stops waiting, but the dial
+    /// goes on and installs its connection for the calls after it.
+    /// Otherwise a handshake slower than callers' deadlines would be
+    /// abandoned by each caller in turn, and the client would never
+    /// reconnect.
     async fn connection(&self) -> Result<Arc<quinn::Connection>, CallError> {
         use std::sync::atomic::Ordering;
-        let conn = self.current();
-        if conn.close_reason().is_none() {
-            return Ok(conn);
-        }
-        let i = &self.inner;
-        let seen = i.dials.load(Ordering::Acquire);
-        let mut dials = i.reconnecting.lock().await;
         let conn = self.current();
         let Some(lost) = conn.close_reason() else {
             return Ok(conn);
         };
-        if i.closed.load(Ordering::Acquire) {
-            return Err(CallError::Connection(lost));
-        }
-        // A dial ran while this call waited for the lock, and failed: the
-        // server is no more reachable for this call than it was for that one.
-        if let Some(source) = dials
-            .last_failure
-            .clone()
-            .filter(|_| i.dials.load(Ordering::Acquire) != seen)
-        {
-            return Err(CallError::Reconnect { lost, source });
-        }
-        let dialled = dial(&i.endpoint, i.server, &i.server_name, i.connect_timeout).await;
-        // Counted when finished: every call that arrived while this dial ran
-        // sees the count change and shares its outcome.
-        i.dials.fetch_add(1, Ordering::AcqRel);
-        let fresh = match dialled {
-            Ok(fresh) => fresh,
-            Err(e) => {
-                let source = Arc::new(e);
-                dials.last_failure = Some(source.clone());
-                return Err(CallError::Reconnect { lost, source });
-            }
-        };
-        dials.last_failure = None;
-        let fresh = Arc::new(fresh);
-        {
-            // Checked and installed under the lock `close` takes: a client
-            // closed while dialling must not keep the new connection
-            // (`close` waits for the endpoint to go idle).
-            let mut current = i.conn.write().unwrap_or_else(PoisonError::into_inner);
+        let i = &self.inner;
+        let dial = {
+            let mut under_way = i.dial_state();
             if i.closed.load(Ordering::Acquire) {
-                fresh.close(CloseCode::ClientDone.varint(), b"client closed");
                 return Err(CallError::Connection(quinn::ConnectionError::LocallyClosed));
             }
-            *current = fresh.clone();
+            let conn = self.current();
+            if conn.close_reason().is_none() {
+                return Ok(conn);
+            }
+            match under_way.as_ref() {
+                // A task that finished without clearing its entry was
+                // aborted or panicked: it is not waited on again.
+                Some(dial) if !dial.abort.is_finished() => dial.outcome.clone(),
+                _ => {
+                    let dial = redial(i.clone()).map_err(|e| CallError::Reconnect {
+                        lost: lost.clone(),
+                        source: Arc::new(e),
+                    })?;
+                    let outcome = dial.outcome.clone();
+                    *under_way = Some(dial);
+                    outcome
+                }
+            }
+        };
+        match dial.await {
+            Ok(fresh) => Ok(fresh),
+            Err(_) if i.closed.load(Ordering::Acquire) => {
+                Err(CallError::Connection(quinn::ConnectionError::LocallyClosed))
+            }
+            Err(source) => Err(CallError::Reconnect { lost, source }),
         }
-        tracing::debug!(server = %i.server, "reconnected");
-        Ok(fresh)
     }
 
     /// A round trip through the server's built-in echo with no data: the
-    /// connection is up and the server answers. Returns the round-trip time.
+    /// connection is up and the server answers. Returns the time the call
+    /// took, retries and a reconnection included if it needed them.
     ///
     /// # Errors
     /// [`CallError`], as for [`Client::execute`].
@@ -383,26 +381,37 @@ impl Client {
         } else {
             1
         };
-        let deadline = call.deadline;
         // Checked and laid out once; attempts share the payload's bytes.
         let payload = laid_out(call, &self.inner.limits)?;
-        let mut backoff = policy.initial_backoff;
+        let mut backoff = policy.initial_backoff.min(policy.max_backoff);
         let mut attempt = 1;
-        let started = Instant::now();
+        let budget = Budget {
+            deadline: call.deadline.map(|d| Instant::now() + d),
+            per_try: policy.per_try_timeout,
+        };
         loop {
-            // Each attempt tells the server only the time the call has left.
-            let left = deadline.map(|total| total.saturating_sub(started.elapsed()));
             let result = match policy.per_try_timeout {
                 // A lost connection is re-established before the attempt,
-                // outside its time: a dial cut short by the attempt's timer
-                // would leave the next call to dial again, and the next.
+                // outside its time, so that the attempt's timer does not
+                // count the handshake.
                 Some(t) => match self.connection().await {
-                    Ok(_) => tokio::time::timeout(t, self.attempt(call, &payload, left))
-                        .await
-                        .unwrap_or(Err(CallError::AttemptTimeout(t))),
+                    Ok(_) => {
+                        let per_try_binds = budget.per_try_binds(t, Instant::now());
+                        match tokio::time::timeout(t, self.attempt(call, &payload, &budget)).await {
+                            // The server was told the per-try budget and
+                            // counts it from a little later; its verdict can
+                            // still beat this side's timer, and means the same.
+                            Ok(Err(CallError::Status {
+                                code: StatusCode::DeadlineExceeded,
+                                ..
+                            })) if per_try_binds => Err(CallError::AttemptTimeout(t)),
+                            Ok(result) => result,
+                            Err(_) => Err(CallError::AttemptTimeout(t)),
+                        }
+                    }
                     Err(e) => Err(e),
                 },
-                None => self.attempt(call, &payload, left).await,
+                None => self.attempt(call, &payload, &budget).await,
             };
             match result {
                 Err(e) if attempt < attempts && e.is_retryable() => {
@@ -418,41 +427,41 @@ impl Client {
 
     /// A call's stream, on the current connection, re-established first if
     /// it was lost (which `open_bi` reports at once, so a healthy connection
-    /// costs no separate check).
-    async fn open(&self) -> Result<CallStream, CallError> {
-        let (send, recv) = match self.current().open_bi().await {
-            Ok(streams) => streams,
-            Err(_) => self.connection().await?.open_bi().await?,
+    /// costs no separate check); true if it had to be.
+    async fn open(&self) -> Result<(CallStream, bool), CallError> {
+        let (opened, reconnected) = match self.current().open_bi().await {
+            Ok(streams) => (streams, false),
+            Err(_) => (self.connection().await?.open_bi().await?, true),
         };
-        Ok(CallStream {
-            send,
-            recv,
-            done: false,
-        })
+        let (send, recv) = opened;
+        Ok((
+            CallStream {
+                send,
+                recv,
+                done: false,
+            },
+            reconnected,
+        ))
     }
 
-    /// One attempt at `call`, whose laid-out `payload` it sends, with
-    /// `left` of its deadline.
+    /// One attempt at `call`, whose laid-out `payload` it sends, within
+    /// `budget`.
     async fn attempt(
         &self,
         call: &Call,
         payload: &[Bytes],
-        left: Option<Duration>,
+        budget: &Budget,
     ) -> Result<Response, CallError> {
         let started = Instant::now();
         let limits = &self.inner.limits;
-        let head = encode_request_frame(&call.header(left), payload)
-            .map_err(|e| CallError::InvalidCall(e.to_string()))?;
-        let header_len = head.len() - PREFIX_LEN;
-        if header_len > limits.max_header_len as usize {
-            return Err(CallError::InvalidCall(format!(
-                "request header of {header_len} bytes exceeds the limit of {} bytes",
-                limits.max_header_len
-            )));
-        }
+        let mut head = encode_head(call, payload, budget.left(started), limits)?;
         let encoded = started.elapsed();
 
-        let mut stream = self.open().await?;
+        let (mut stream, reconnected) = self.open().await?;
+        if reconnected {
+            // The dial took time the header's budget did not know about.
+            head = encode_head(call, payload, budget.left(Instant::now()), limits)?;
+        }
         // One write of every piece: one lock of the connection and one wake
         // of its driver, however many buffers the call has.
         match write_frame_chunks(&mut stream.send, head, payload).await {
@@ -475,7 +484,14 @@ impl Client {
         let first_byte = started.elapsed();
         let archived = access_response(&header).map_err(ProtocolError::Wire)?;
         let status = archived.status.to_native();
-        let code = StatusCode::from_u16(status).ok_or(ProtocolError::UnknownStatus(status))?;
+        let Some(code) = StatusCode::from_u16(status) else {
+            stream.done = true;
+            return Err(ProtocolError::UnknownStatus {
+                code: status,
+                message: archived.message.as_str().to_owned(),
+            }
+            .into());
+        };
         let timings = archived.timings.to_native();
         if code != StatusCode::Ok {
             // Read the end, as below; an error reply carries no payload.
@@ -531,6 +547,8 @@ impl Client {
     /// server has been told.
     pub async fn close(&self) {
         {
+            // In the order a reconnection takes them.
+            let under_way = self.inner.dial_state();
             // Under the lock a reconnection installs its connection with:
             // either that connection is closed here, or the dialler sees
             // the flag and closes it.
@@ -543,13 +561,70 @@ impl Client {
                 .closed
                 .store(true, std::sync::atomic::Ordering::Release);
             current.close(CloseCode::ClientDone.varint(), b"client closed");
+            // A dial under way would keep the endpoint busy (and `wait_idle`
+            // waiting) until it succeeded or timed out. Stopped after the
+            // flag is set, so its waiters report LocallyClosed.
+            if let Some(dial) = under_way.as_ref() {
+                dial.abort.abort();
+            }
         }
         self.inner.endpoint.wait_idle().await;
     }
 }
 
+/// The time a call has, as the server is told it in each attempt's header.
+struct Budget {
+    /// When the call's own deadline passes.
+    deadline: Option<Instant>,
+    /// The retry policy's per-attempt timeout.
+    per_try: Option<Duration>,
+}
+
+impl Budget {
+    /// What is left at `now`: the call's remaining time or the attempt's,
+    /// whichever is shorter, so the server does not keep working on an
+    /// attempt the client has given up.
+    fn left(&self, now: Instant) -> Option<Duration> {
+        let to_deadline = self.deadline.map(|d| d.saturating_duration_since(now));
+        match (to_deadline, self.per_try) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether an attempt starting at `now` with the per-try timeout `t`
+    /// ends on that timeout rather than on the call's own deadline.
+    fn per_try_binds(&self, t: Duration, now: Instant) -> bool {
+        self.deadline
+            .is_none_or(|d| d.saturating_duration_since(now) > t)
+    }
+}
+
+/// The frame head (prefix and header archive) of one attempt at `call`.
+///
+/// # Errors
+/// [`CallError::InvalidCall`] if it cannot be encoded or is over `limits`.
+fn encode_head(
+    call: &Call,
+    payload: &[Bytes],
+    left: Option<Duration>,
+    limits: &Limits,
+) -> Result<Bytes, CallError> {
+    let head = encode_request_frame(&call.header(left), payload)
+        .map_err(|e| CallError::InvalidCall(e.to_string()))?;
+    let header_len = head.len() - PREFIX_LEN;
+    if header_len > limits.max_header_len as usize {
+        return Err(CallError::InvalidCall(format!(
+            "request header of {header_len} bytes exceeds the limit of {} bytes",
+            limits.max_header_len
+        )));
+    }
+    Ok(head)
+}
+
 /// A call's payload: its buffers' bytes at their slots, with the padding
-/// between them, as pieces QUIC sends without copying.
+/// between them, as pieces QUIC takes without copying (it copies each
+/// into a packet only as it encrypts it).
 ///
 /// # Errors
 /// [`CallError::InvalidCall`] if a buffer is not a whole number of
@@ -585,10 +660,84 @@ fn laid_out(call: &Call, limits: &Limits) -> Result<Vec<Bytes>, CallError> {
     Ok(payload)
 }
 
-/// The outcome of the last reconnection attempt.
-#[derive(Debug, Default)]
-struct Dials {
-    last_failure: Option<Arc<ConnectError>>,
+/// A reconnection's outcome, shared by every call that waited for it.
+type DialOutcome = Result<Arc<quinn::Connection>, Arc<ConnectError>>;
+
+/// A reconnection under way: its task's outcome, awaitable by many calls.
+type DialInFlight = Shared<BoxFuture<'static, DialOutcome>>;
+
+/// A reconnection under way.
+struct Dial {
+    /// Its outcome, awaited by every call that found the connection lost.
+    outcome: DialInFlight,
+    /// Its task, stopped by [`Client::close`].
+    abort: tokio::task::AbortHandle,
+}
+
+impl std::fmt::Debug for Dial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dial")
+            .field("finished", &self.abort.is_finished())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inner {
+    fn dial_state(&self) -> std::sync::MutexGuard<'_, Option<Dial>> {
+        self.reconnecting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records a finished dial and installs its connection, unless the
+    /// client was closed meanwhile.
+    fn finish_dial(&self, dialled: Result<quinn::Connection, ConnectError>) -> DialOutcome {
+        use std::sync::atomic::Ordering;
+        let mut under_way = self.dial_state();
+        *under_way = None;
+        self.dials.fetch_add(1, Ordering::AcqRel);
+        let fresh = Arc::new(dialled.map_err(Arc::new)?);
+        // Checked and installed under the lock `close` takes: a client
+        // closed while dialling must not keep the new connection (`close`
+        // waits for the endpoint to go idle).
+        let mut current = self.conn.write().unwrap_or_else(PoisonError::into_inner);
+        if self.closed.load(Ordering::Acquire) {
+            fresh.close(CloseCode::ClientDone.varint(), b"client closed");
+            return Err(Arc::new(ConnectError::Handshake(
+                quinn::ConnectionError::LocallyClosed,
+            )));
+        }
+        *current = fresh.clone();
+        tracing::debug!(server = %self.server, "reconnected");
+        Ok(fresh)
+    }
+}
+
+/// Starts a reconnection in a task of its own (see [`Client::connection`]).
+///
+/// # Errors
+/// [`ConnectError::Interrupted`] outside a tokio runtime.
+fn redial(inner: Arc<Inner>) -> Result<Dial, ConnectError> {
+    let runtime = tokio::runtime::Handle::try_current()
+        .map_err(|e| ConnectError::Interrupted(e.to_string()))?;
+    let task = runtime.spawn(async move {
+        let dialled = dial(
+            &inner.endpoint,
+            inner.server,
+            &inner.server_name,
+            inner.connect_timeout,
+        )
+        .await;
+        inner.finish_dial(dialled)
+    });
+    let abort = task.abort_handle();
+    let outcome = async move {
+        task.await
+            .unwrap_or_else(|e| Err(Arc::new(ConnectError::Interrupted(e.to_string()))))
+    }
+    .boxed()
+    .shared();
+    Ok(Dial { outcome, abort })
 }
 
 /// Connects and completes the handshake within `timeout`.
@@ -611,10 +760,13 @@ fn jitter(max: Duration) -> Duration {
 }
 
 /// A lost connection is reported as such, with its reason (a refused
-/// handshake's TLS alert, say), whatever the call was doing.
+/// handshake's TLS alert, say), whatever the call was doing; a prefix that
+/// fails its checks is the server breaking the protocol (a newer version,
+/// or a reply over this client's limits), not a transport failure.
 fn receive_error(e: ReadFrameError) -> CallError {
     match e {
         ReadFrameError::ConnectionLost { source, .. } => CallError::Connection(source),
+        ReadFrameError::Frame(f) => CallError::Protocol(ProtocolError::Frame(f)),
         other => CallError::Receive(other),
     }
 }

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use quasar_client::{Call, Client};
 use quasar_server::AddressValidation;
-use quasar_transport::tls::{self, QuicTuning};
 
 use crate::support::{assert_serving, config, eventually, server_with};
 
@@ -83,16 +82,7 @@ fn captured_initials(n: usize) -> Vec<Vec<u8>> {
         .issue_client("ghost", quasar_certs::Validity::default())
         .expect("issue");
     let endpoint = runtime.block_on(async {
-        let quic = tls::client_config(
-            tls::roots_from_pem(ca.cert_pem().as_bytes()).expect("roots"),
-            tls::certs_from_pem(id.cert_pem.as_bytes(), "cert").expect("cert"),
-            tls::key_from_pem(id.key_pem.as_bytes()).expect("key"),
-            &QuicTuning::default(),
-        )
-        .expect("client config");
-        let mut endpoint =
-            quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("bind");
-        endpoint.set_default_client_config(quic);
+        let endpoint = crate::support::raw_endpoint(ca.cert_pem().as_bytes(), &id);
         for _ in 0..n {
             let connecting = endpoint.connect(sink_addr, "localhost").expect("connect");
             // Keep the attempt alive until its Initial has gone out.

@@ -144,36 +144,46 @@ async fn calls_waiting_for_a_reconnect_share_its_failure() {
     );
 }
 
-/// The per-attempt timeout bounds an attempt, not the reconnection before
-/// it: a handshake slower than the attempt's budget still completes (cut
-/// short each time, no attempt would ever find a connection).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reconnection_is_not_cut_short_by_the_per_attempt_timeout() {
-    let ca = Arc::new(CertificateAuthority::generate("per-try CA").expect("ca"));
+/// A client (with `retry`) whose first call was answered by a server that
+/// then stopped, and the server starting again on the same address 300 ms
+/// later: after the client's first Initial went unanswered, so a
+/// reconnection's handshake completes on QUIC's retransmission, well after
+/// 100 ms.
+async fn server_back_after_300ms(
+    retry: RetryPolicy,
+) -> (Client, tokio::task::JoinHandle<EmbeddedServer>) {
+    let ca = Arc::new(CertificateAuthority::generate("restart-later CA").expect("ca"));
     let first = EmbeddedServer::start_with_ca(ca.clone(), |_| {})
         .await
         .expect("first server");
     let addr = first.addr();
     let mut config = first.client_config("c").expect("cert");
-    config.retry = RetryPolicy {
-        max_attempts: 2,
-        per_try_timeout: Some(Duration::from_millis(100)),
-        initial_backoff: Duration::from_millis(10),
-        max_backoff: Duration::from_millis(10),
-    };
+    config.retry = retry;
     config.connect_timeout = Duration::from_secs(10);
     let client = Client::connect(config).await.expect("connect");
     client.execute(add()).await.expect("first call");
     first.stop().await;
-    // The server comes back only after the client's first Initial went
-    // unanswered: the handshake completes on QUIC's retransmission, well
-    // after 100 ms.
     let restart = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(300)).await;
         EmbeddedServer::start_with_ca(ca, move |c| c.listen = addr)
             .await
             .expect("second server")
     });
+    (client, restart)
+}
+
+/// The per-attempt timeout bounds an attempt, not the reconnection before
+/// it: a handshake slower than the attempt's budget still completes (cut
+/// short each time, no attempt would ever find a connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnection_is_not_cut_short_by_the_per_attempt_timeout() {
+    let (client, restart) = server_back_after_300ms(RetryPolicy {
+        max_attempts: 2,
+        per_try_timeout: Some(Duration::from_millis(100)),
+        initial_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(10),
+    })
+    .await;
     let r = client
         .execute(add())
         .await
@@ -181,4 +191,87 @@ async fn a_reconnection_is_not_cut_short_by_the_per_attempt_timeout() {
     assert_eq!(r.output::<f32>("out").expect("out"), &[11.0, 22.0]);
     client.close().await;
     restart.await.expect("join").stop().await;
+}
+
+/// A reconnection outlives the call that started it: a caller whose
+/// deadline passes while the handshake is under way stops waiting, but the
+/// dial completes, once, and the next call finds its connection. (Cut short
+/// with each caller, a handshake slower than callers' deadlines would never
+/// complete.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnection_outlives_the_call_that_started_it() {
+    // A second attempt in case the first still found the old connection
+    // (its close not yet processed): either way a dial starts in time.
+    let (client, restart) = server_back_after_300ms(RetryPolicy {
+        max_attempts: 2,
+        per_try_timeout: None,
+        initial_backoff: Duration::from_millis(5),
+        max_backoff: Duration::from_millis(5),
+    })
+    .await;
+    let e = client
+        .execute(add().deadline(Duration::from_millis(100)))
+        .await
+        .expect_err("the deadline passes during the dial");
+    assert_eq!(e.code(), StatusCode::DeadlineExceeded, "{e}");
+    let waited = std::time::Instant::now();
+    while client.reconnect_attempts() == 0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "the dial was abandoned with the call that started it"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = client
+        .execute(add())
+        .await
+        .expect("the reconnected connection serves");
+    assert_eq!(r.output::<f32>("out").expect("out"), &[11.0, 22.0]);
+    assert_eq!(
+        client.reconnect_attempts(),
+        1,
+        "the next call dialled again"
+    );
+    client.close().await;
+    restart.await.expect("join").stop().await;
+}
+
+/// Closing a client while it is reconnecting stops the dial: `close` does
+/// not wait out the connect timeout, and the call waiting for the dial
+/// learns that the client was closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_client_stops_its_reconnection() {
+    let server = EmbeddedServer::start(|_| {}).await.expect("server");
+    let mut config = server.client_config("c").expect("cert");
+    config.retry = RetryPolicy::never();
+    config.connect_timeout = Duration::from_secs(20);
+    let client = Client::connect(config).await.expect("connect");
+    client.execute(add()).await.expect("first call");
+    server.stop().await;
+    // Nobody answers: the dial would wait out its 20 s.
+    let waiting = {
+        let c = client.clone();
+        tokio::spawn(async move { c.execute(add()).await })
+    };
+    // Time for the call to find the connection lost and start the dial.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiting.is_finished(), "the call waits for the dial");
+    let started = std::time::Instant::now();
+    client.close().await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "close waited {took:?} for a dial to a server that is gone"
+    );
+    let e = waiting
+        .await
+        .expect("join")
+        .expect_err("the client was closed");
+    assert!(
+        matches!(
+            e,
+            quasar_client::CallError::Connection(quinn::ConnectionError::LocallyClosed)
+        ),
+        "{e:?}"
+    );
 }

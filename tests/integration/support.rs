@@ -42,8 +42,20 @@ pub fn config(server: &EmbeddedServer) -> ClientConfig {
 /// A raw quinn connection with a valid client certificate.
 pub async fn raw_connection(server: &EmbeddedServer) -> (quinn::Endpoint, quinn::Connection) {
     let id = server.issue_client("raw").expect("issue");
+    let endpoint = raw_endpoint(&server.ca_pem(), &id);
+    let conn = endpoint
+        .connect(server.addr(), quasar::embedded::SERVER_NAME)
+        .expect("connect")
+        .await
+        .expect("handshake");
+    (endpoint, conn)
+}
+
+/// A bare quinn client endpoint on 127.0.0.1 with Quasar's TLS and QUIC
+/// configuration, trusting `ca_pem` and presenting `id`. Needs a runtime.
+pub fn raw_endpoint(ca_pem: &[u8], id: &quasar_certs::Identity) -> quinn::Endpoint {
     let quic = tls::client_config(
-        tls::roots_from_pem(&server.ca_pem()).expect("roots"),
+        tls::roots_from_pem(ca_pem).expect("roots"),
         tls::certs_from_pem(id.cert_pem.as_bytes(), "cert").expect("cert"),
         tls::key_from_pem(id.key_pem.as_bytes()).expect("key"),
         &QuicTuning::default(),
@@ -51,12 +63,7 @@ pub async fn raw_connection(server: &EmbeddedServer) -> (quinn::Endpoint, quinn:
     .expect("client config");
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("bind");
     endpoint.set_default_client_config(quic);
-    let conn = endpoint
-        .connect(server.addr(), quasar::embedded::SERVER_NAME)
-        .expect("connect")
-        .await
-        .expect("handshake");
-    (endpoint, conn)
+    endpoint
 }
 
 /// Sends `bytes` on a new stream, finishes it, and returns the status and

@@ -8,7 +8,7 @@
 
 use std::ops::Range;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use quinn::{RecvStream, SendStream, WriteError};
 use thiserror::Error;
 
@@ -65,6 +65,23 @@ pub enum ReadFrameError {
         len: usize,
     },
 }
+
+/// Pieces of a payload shorter than this are copied by
+/// [`FrameReader::chunked`] rather than kept as they arrived.
+///
+/// A kept piece is a slice of the buffer quinn decrypted its datagram in,
+/// and keeps that whole buffer alive: the datagram, or with GRO the whole
+/// batch of up to 64 datagrams received with it (quinn 0.11 copies a batch
+/// into one buffer). A peer sending a payload a byte per packet would
+/// otherwise make the receiver hold thousands of times the payload's
+/// length, which budgets count by its length. A kept piece of at least this
+/// size in a datagram of its own holds at most about
+/// [`crate::tls::MAX_UDP_PAYLOAD`] / this, six times its length; a peer
+/// that shapes GRO batches can still make one hold its batch, about 64
+/// times that. A full packet carries more than this even at QUIC's
+/// smallest datagram (1200 bytes), so bulk data is not copied; the short
+/// pieces that are copied are tails and stragglers.
+pub const GATHER_BELOW: usize = 1024;
 
 /// A payload as the QUIC stack delivered it: the decrypted chunks of the
 /// stream, kept without copying them into one buffer. A receiver that only
@@ -267,7 +284,9 @@ impl<'a> FrameReader<'a> {
     }
 
     /// Reads exactly `len` bytes as the chunks QUIC delivered, without
-    /// copying them.
+    /// copying them, except pieces shorter than [`GATHER_BELOW`] of a
+    /// payload that arrives in more than one piece: those are copied, in
+    /// order, into buffers of their own.
     ///
     /// The caller must have checked `len` against its limits.
     ///
@@ -280,12 +299,25 @@ impl<'a> FrameReader<'a> {
     ) -> Result<ChunkedPayload, ReadFrameError> {
         let len = usize::try_from(len).map_err(|_| ReadFrameError::TooLarge { len })?;
         let mut chunks = Vec::new();
+        let mut gathered = BytesMut::new();
         let mut read = 0usize;
         while read < len {
             self.buffer(part, read, len).await?;
             let n = (len - read).min(self.buffered.len());
-            chunks.push(self.buffered.split_to(n));
+            let piece = self.buffered.split_to(n);
             read += n;
+            // A payload in one piece pins one datagram, as its header did.
+            if piece.len() >= GATHER_BELOW || n == len {
+                if !gathered.is_empty() {
+                    chunks.push(gathered.split().freeze());
+                }
+                chunks.push(piece);
+            } else {
+                gathered.extend_from_slice(&piece);
+            }
+        }
+        if !gathered.is_empty() {
+            chunks.push(gathered.freeze());
         }
         Ok(ChunkedPayload { chunks, len })
     }

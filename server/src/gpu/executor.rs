@@ -21,12 +21,18 @@
 //! the batch is run again alone, so only the call at fault fails.
 //!
 //! Copies of payload bytes on the way (counted in [`ExecutorStats`]): the
-//! request payload arrives as the chunks QUIC decrypted, which are copied
-//! once, straight into the batch's upload buffer (pooled, and kept mapped
+//! request payload arrives as the chunks quinn decrypted (short pieces of
+//! a payload sent in several, gathered first: see
+//! `quasar_transport::io::GATHER_BELOW`), which are copied once, straight
+//! into the batch's upload buffer (pooled, and kept mapped
 //! between uses); the GPU copies upload to storage buffer and storage to
 //! readback buffer; the mapped readback buffer is copied once into the
-//! response payload, which QUIC sends without copying it again. One
-//! user-space copy each way.
+//! response payload, which quinn holds by reference until it builds
+//! packets. One user-space copy each way is ours; quinn makes one more
+//! each way inside its packet protection (a received datagram is copied
+//! out of the socket buffer and decrypted in place, sent data is copied
+//! into a packet and encrypted there), which BENCHMARKS.md ("Copies")
+//! traces through its sources.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
