@@ -59,6 +59,13 @@ pub struct Share {
     kib: u32,
 }
 
+impl Share {
+    /// The KiB this share holds.
+    pub fn kib(&self) -> u32 {
+        self.kib
+    }
+}
+
 impl Drop for Share {
     fn drop(&mut self) {
         self.budget.free.fetch_add(self.kib, Ordering::Release);

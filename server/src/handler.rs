@@ -21,8 +21,10 @@
 //!
 //! The call's reservations of the in-flight byte budgets (its connection's
 //! and the server's) travel with its bytes: into the GPU job, then into the
-//! job's output, so they are released only when neither the request nor the
-//! response is held any more.
+//! job's output, then with the reply's stream until the client has
+//! acknowledged the reply (quinn holds a reply's bytes until then, however
+//! early the write returns). So they are released only when neither the
+//! request nor the response is held any more.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -62,29 +64,48 @@ struct Conn {
     /// Replies written and finished but perhaps not yet acknowledged by
     /// the client (see [`Replied`]).
     replied: std::sync::Mutex<Replied>,
+    /// The KiB of reservations that lingering replies may hold before the
+    /// list is checked, however short it is.
+    check_kib_from: u64,
 }
 
 /// Replies written and finished whose acknowledgement by the client is not
-/// yet known.
+/// yet known, each with its call's reservation.
 ///
-/// A connection closed by shutdown discards unacknowledged data, so on
-/// shutdown every reply still in this list is waited for before the close.
-/// In steady state the list is only pruned, in batches: when it has grown
-/// to twice what the last check kept, each stream is asked once, without
-/// waiting, whether its reply is settled. Watching each reply instead (a
-/// future per stream woken by its acknowledgement) cost a wake-up, a
-/// `Notify` and a task-set entry per call: echo 64 B at concurrency 1 went
-/// from x1.27 to x1.39 of raw QUIC with that watch in the call's task, and
-/// still cost about x0.03 in the connection's task.
+/// quinn keeps a reply's bytes until the client acknowledges them, so the
+/// call's share of the in-flight budgets stays with its stream until then:
+/// a client that reads its replies but withholds acknowledgements cannot
+/// make the server hold more than the budgets say. A connection closed by
+/// shutdown discards unacknowledged data, so on shutdown every reply still
+/// in this list is waited for before the close.
+///
+/// In steady state the list is only pruned, in batches: each stream is
+/// asked once, without waiting, whether its reply is settled, and the
+/// settled ones (and their reservations) are dropped. A check runs when the
+/// list has grown to twice the length, or twice the KiB held, that the last
+/// check kept; when a reservation does not fit in a budget (before the call
+/// is refused); and every [`SWEEP_EVERY`] from the connection's task, so an
+/// idle connection does not keep its last replies' shares. Watching each
+/// reply instead (a future per stream woken by its acknowledgement) cost a
+/// wake-up, a `Notify` and a task-set entry per call: echo 64 B at
+/// concurrency 1 went from x1.27 to x1.39 of raw QUIC with that watch in
+/// the call's task, and still cost about x0.03 in the connection's task.
 #[derive(Default)]
 struct Replied {
-    streams: Vec<quinn::SendStream>,
+    streams: Vec<(quinn::SendStream, Reservation)>,
+    /// The KiB the listed reservations hold.
+    kib: u64,
     /// The length at which the list is next checked.
     check_at: usize,
+    /// The KiB held at which the list is next checked.
+    check_at_kib: u64,
 }
 
 /// The smallest list worth checking: a few checks' worth of calls.
 const CHECK_REPLIES_FROM: usize = 64;
+
+/// How often the connection's task checks the lingering replies.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 impl Conn {
     fn replied(&self) -> std::sync::MutexGuard<'_, Replied> {
@@ -93,42 +114,76 @@ impl Conn {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Keeps `send`, whose reply is written and finished, until its
-    /// acknowledgement is known; prunes the list when it has doubled.
-    fn linger(&self, send: quinn::SendStream) {
-        let mut taken = {
+    /// Keeps `send`, whose reply is written and finished, and the call's
+    /// reservation `held` until the reply's acknowledgement is known;
+    /// checks the list when it has doubled (in length or KiB held).
+    fn linger(&self, send: quinn::SendStream, held: Reservation) {
+        let taken = {
             let mut replied = self.replied();
-            replied.streams.push(send);
-            if replied.streams.len() < replied.check_at.max(CHECK_REPLIES_FROM) {
+            replied.kib += u64::from(held.kib());
+            replied.streams.push((send, held));
+            if replied.streams.len() < replied.check_at.max(CHECK_REPLIES_FROM)
+                && replied.kib < replied.check_at_kib.max(self.check_kib_from)
+            {
                 return;
             }
-            std::mem::take(&mut replied.streams)
+            Self::take(&mut replied)
         };
+        self.prune(taken);
+    }
+
+    /// Checks every lingering reply now; returns the KiB released.
+    fn sweep(&self) -> u64 {
+        let taken = {
+            let mut replied = self.replied();
+            if replied.streams.is_empty() {
+                return 0;
+            }
+            Self::take(&mut replied)
+        };
+        self.prune(taken)
+    }
+
+    /// The whole list, to be checked outside its lock.
+    fn take(replied: &mut Replied) -> Vec<(quinn::SendStream, Reservation)> {
+        replied.kib = 0;
+        std::mem::take(&mut replied.streams)
+    }
+
+    /// Drops the settled replies of `taken` (and their reservations) and
+    /// puts the rest back; returns the KiB released.
+    fn prune(&self, mut taken: Vec<(quinn::SendStream, Reservation)>) -> u64 {
+        let before: u64 = taken.iter().map(|(_, held)| u64::from(held.kib())).sum();
         // Outside the list's lock: each check, and each drop, locks the
         // connection.
-        taken.retain(|send| {
+        taken.retain(|(send, _)| {
             use futures_util::FutureExt;
             send.stopped().now_or_never().is_none()
         });
+        let kept: u64 = taken.iter().map(|(_, held)| u64::from(held.kib())).sum();
         let mut replied = self.replied();
         // Back into the taken list, whose buffer has grown to a check's
-        // size, rather than regrowing the emptied one from nothing.
+        // size, rather than regrowing the emptied one from nothing. What
+        // was listed meanwhile is already counted in `kib`.
         taken.append(&mut replied.streams);
         std::mem::swap(&mut replied.streams, &mut taken);
+        replied.kib += kept;
         replied.check_at = 2 * replied.streams.len();
+        replied.check_at_kib = 2 * replied.kib;
+        before - kept
     }
 
     /// Waits until every reply still listed is settled: acknowledged,
     /// stopped by the client, or lost with the connection.
     async fn settle_replies(&self) {
-        let streams = std::mem::take(&mut self.replied().streams);
+        let streams = Self::take(&mut self.replied());
         let mut waiting: FuturesUnordered<_> = streams
             .into_iter()
-            .map(|send| {
+            .map(|(send, held)| {
                 let acked = send.stopped();
                 async move {
                     let _ = acked.await;
-                    drop(send);
+                    drop((send, held));
                 }
             })
             .collect();
@@ -188,6 +243,9 @@ pub(crate) async fn connection(
         id: conn.stable_id() as u64,
         budget: Budget::new(shared.connection_budget_kib),
         replied: std::sync::Mutex::new(Replied::default()),
+        // An eighth of the budget: replies of that much may wait for the
+        // next check, the rest of the budget stays with calls in progress.
+        check_kib_from: u64::from(shared.connection_budget_kib / 8).max(1),
     });
     tracing::info!(%remote, identity = %conn_state.identity, "connection established");
     // This connection's calls: on shutdown the connection stays open until
@@ -195,6 +253,8 @@ pub(crate) async fn connection(
     let calls = TaskTracker::new();
     let cancelled = cancel.cancelled();
     tokio::pin!(cancelled);
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             stream = conn.accept_bi() => match stream {
@@ -212,6 +272,9 @@ pub(crate) async fn connection(
                     break;
                 }
             },
+            _ = sweep.tick() => {
+                conn_state.sweep();
+            }
             () = &mut cancelled => break,
         }
     }
@@ -254,8 +317,8 @@ struct Success {
     header: ResponseHeader,
     /// The response payload, handed to QUIC without copying.
     body: Vec<Bytes>,
-    /// The call's share of the in-flight budgets, released once the reply
-    /// is written.
+    /// The call's share of the in-flight budgets, released once the client
+    /// has acknowledged the reply.
     reservation: Reservation,
 }
 
@@ -359,10 +422,10 @@ async fn call(
                 total_us = header.timings.total_us,
                 "call done"
             );
-            // Release the call's memory now; the connection keeps the
-            // stream until the client has acknowledged the whole reply.
-            drop((body, held));
-            conn.linger(send);
+            // quinn holds the reply's bytes until the client acknowledges
+            // them: the reservation stays with the stream until then.
+            drop(body);
+            conn.linger(send, held);
         }
         Ok(Err(e)) => tracing::debug!(error = %e, "writing a reply"),
         Err(_) => {
@@ -374,7 +437,8 @@ async fn call(
 
 /// Reserves `bytes` from the connection's in-flight budget (so one client
 /// cannot take it all), then from the server's; the shares travel with the
-/// call's bytes.
+/// call's bytes. When either is short, the connection's acknowledged
+/// replies give theirs back first.
 fn reserve(shared: &Shared, conn: &Conn, bytes: u64) -> Result<Reservation, Failure> {
     let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
     let exhausted = |whose: &str, budget: u32| {
@@ -406,15 +470,24 @@ fn reserve(shared: &Shared, conn: &Conn, bytes: u64) -> Result<Reservation, Fail
             ));
         }
     }
-    let connection_share = conn
-        .budget
-        .try_take(kib)
-        .ok_or_else(|| exhausted("this connection's", shared.connection_budget_kib))?;
-    let server_share = shared
-        .budget
-        .try_take(kib)
-        .ok_or_else(|| exhausted("the server's", shared.budget_kib))?;
-    Ok(Reservation::new(connection_share, server_share))
+    let take = || {
+        let connection_share = conn
+            .budget
+            .try_take(kib)
+            .ok_or_else(|| exhausted("this connection's", shared.connection_budget_kib))?;
+        let server_share = shared
+            .budget
+            .try_take(kib)
+            .ok_or_else(|| exhausted("the server's", shared.budget_kib))?;
+        Ok(Reservation::new(connection_share, server_share))
+    };
+    match take() {
+        Ok(held) => Ok(held),
+        // Acknowledged replies may still hold shares, waiting for the next
+        // check: check now, before refusing.
+        Err(_) if conn.sweep() > 0 => take(),
+        Err(refused) => Err(refused),
+    }
 }
 
 /// The built-in echo: the request's buffers back, unchanged, with no GPU

@@ -22,6 +22,7 @@ mod limits;
 mod malformed;
 mod pieces;
 mod reload;
+mod replies;
 mod restart;
 mod soak;
 mod support;

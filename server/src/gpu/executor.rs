@@ -228,7 +228,7 @@ pub struct Job {
 /// server's), given back when dropped. In-process calls hold none.
 #[derive(Debug, Default)]
 pub struct Reservation {
-    _connection: Option<Share>,
+    connection: Option<Share>,
     _server: Option<Share>,
 }
 
@@ -236,9 +236,14 @@ impl Reservation {
     /// Holds both shares until dropped.
     pub(crate) fn new(connection: Share, server: Share) -> Self {
         Self {
-            _connection: Some(connection),
+            connection: Some(connection),
             _server: Some(server),
         }
+    }
+
+    /// The KiB held (of each budget: the two shares are the same size).
+    pub(crate) fn kib(&self) -> u32 {
+        self.connection.as_ref().map_or(0, Share::kib)
     }
 }
 
