@@ -38,6 +38,7 @@ pub struct EmbeddedServer {
     adapter: AdapterSummary,
     kernels: Vec<KernelInterface>,
     stats: Arc<ExecutorStats>,
+    in_flight: quasar_server::budget::Gauge,
     connections: Arc<ConnectionStats>,
     reloader: Reloader,
     shutdown: CancellationToken,
@@ -85,6 +86,7 @@ impl EmbeddedServer {
         let adapter = server.adapter().clone();
         let kernels = server.kernels();
         let stats = server.stats();
+        let in_flight = server.in_flight();
         let connections = server.connection_stats();
         let reloader = server.reloader();
         let shutdown = CancellationToken::new();
@@ -96,6 +98,7 @@ impl EmbeddedServer {
             adapter,
             kernels,
             stats,
+            in_flight,
             connections,
             reloader,
             shutdown,
@@ -126,6 +129,11 @@ impl EmbeddedServer {
     /// The server's connection counters.
     pub fn connection_stats(&self) -> &Arc<ConnectionStats> {
         &self.connections
+    }
+
+    /// The in-flight bytes the server's calls hold now.
+    pub fn in_flight(&self) -> &quasar_server::budget::Gauge {
+        &self.in_flight
     }
 
     /// Reloads certificates, policy and kernels, and injects GPU faults.

@@ -71,8 +71,8 @@ fn chunked_copy(c: &mut Criterion) {
 }
 
 fn budgets(c: &mut Criterion) {
-    // Every call takes a share of its connection's budget and of the
-    // server's, and gives both back when its reply is written.
+    // Every call takes a share of its client's budget and of the
+    // server's, and gives both back once its reply is acknowledged.
     let mut g = c.benchmark_group("budget");
     g.bench_function("take_two_shares_and_give_back", |b| {
         let (connection, server) = (Budget::new(512 * 1024), Budget::new(4 << 20));

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 /// The names a client's certificate gives it, most specific first.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct Identity {
     names: Vec<String>,
 }
@@ -61,6 +61,12 @@ impl Identity {
             })
             .and_then(|chain| chain.first().map(|c| Self::from_cert(c)))
             .unwrap_or_default()
+    }
+
+    /// An identity of these names, as a certificate would give them.
+    #[cfg(test)]
+    pub(crate) fn from_names(names: Vec<String>) -> Self {
+        Self { names }
     }
 
     /// Every name.

@@ -1,5 +1,5 @@
 //! In-flight byte budgets: how much memory calls may hold at once, on the
-//! whole server and on each connection.
+//! whole server and for each client.
 //!
 //! A call takes its share before anything is allocated for it and gives it
 //! back when the last of its bytes is released. A share is taken without
@@ -46,9 +46,27 @@ impl Budget {
     }
 
     /// KiB free now.
-    #[cfg(test)]
-    fn free(&self) -> u32 {
+    pub fn free(&self) -> u32 {
         self.free.load(Ordering::Acquire)
+    }
+}
+
+/// How much of a budget calls hold now: a gauge for metrics and tests.
+#[derive(Debug, Clone)]
+pub struct Gauge {
+    budget: Arc<Budget>,
+    total_kib: u32,
+}
+
+impl Gauge {
+    /// A gauge of `budget`, whose whole is `total_kib` KiB.
+    pub fn new(budget: Arc<Budget>, total_kib: u32) -> Self {
+        Self { budget, total_kib }
+    }
+
+    /// The bytes held now, in whole KiB.
+    pub fn held_bytes(&self) -> u64 {
+        u64::from(self.total_kib.saturating_sub(self.budget.free())) * 1024
     }
 }
 
@@ -63,6 +81,16 @@ impl Share {
     /// The KiB this share holds.
     pub fn kib(&self) -> u32 {
         self.kib
+    }
+
+    /// Gives back all but `kib` KiB (nothing if it holds no more).
+    pub fn shrink_to(&mut self, kib: u32) {
+        if kib < self.kib {
+            self.budget
+                .free
+                .fetch_add(self.kib - kib, Ordering::Release);
+            self.kib = kib;
+        }
     }
 }
 
@@ -87,6 +115,13 @@ mod tests {
         drop(a);
         assert_eq!(budget.free(), 60);
         drop(b);
+        assert_eq!(budget.free(), 100);
+        let mut c = budget.try_take(60).expect("60 again");
+        c.shrink_to(10);
+        assert_eq!(budget.free(), 90, "shrinking gives back the rest");
+        c.shrink_to(20);
+        assert_eq!(c.kib(), 10, "a share never grows");
+        drop(c);
         assert_eq!(budget.free(), 100);
         assert!(budget.try_take(101).is_none(), "more than the whole budget");
     }

@@ -19,8 +19,8 @@
 //! on both halves, and a reply the client does not read within the same
 //! allowance with [`StreamCode::ResponseTimeout`].
 //!
-//! The call's reservations of the in-flight byte budgets (its connection's
-//! and the server's) travel with its bytes: into the GPU job, then into the
+//! The call's reservations of the in-flight byte budgets (its client's and
+//! the server's) travel with its bytes: into the GPU job, then into the
 //! job's output, then with the reply's stream until the client has
 //! acknowledged the reply (quinn holds a reply's bytes until then, however
 //! early the write returns). So they are released only when neither the
@@ -50,49 +50,54 @@ use tokio_util::task::TaskTracker;
 use crate::Shared;
 use crate::access::Identity;
 use crate::admission::{Admission, Slot};
-use crate::budget::Budget;
+use crate::clients::Client;
 use crate::gpu::executor::{Job, Reservation};
 use crate::kernel::plan::{plan, plan_echo, shown};
 
 /// What one connection's calls share.
 struct Conn {
     identity: Identity,
-    /// Numbers the connection for the GPU queue's fair turns.
-    id: u64,
-    /// The connection's in-flight byte budget, in KiB.
-    budget: Arc<Budget>,
+    /// What this connection shares with the client's others: the client's
+    /// in-flight byte budget and its turns in the GPU queue.
+    client: Arc<Client>,
     /// Replies written and finished but perhaps not yet acknowledged by
-    /// the client (see [`Replied`]).
-    replied: std::sync::Mutex<Replied>,
-    /// The KiB of reservations that lingering replies may hold before the
-    /// list is checked, however short it is.
-    check_kib_from: u64,
+    /// the client.
+    lingering: Arc<Lingering>,
 }
 
 /// Replies written and finished whose acknowledgement by the client is not
 /// yet known, each with its call's reservation.
 ///
 /// quinn keeps a reply's bytes until the client acknowledges them, so the
-/// call's share of the in-flight budgets stays with its stream until then:
-/// a client that reads its replies but withholds acknowledgements cannot
-/// make the server hold more than the budgets say. A connection closed by
-/// shutdown discards unacknowledged data, so on shutdown every reply still
-/// in this list is waited for before the close.
+/// call's share of the in-flight budgets stays with its stream until then,
+/// shrunk to the reply's size: a client that reads its replies but
+/// withholds acknowledgements cannot make the server hold more than the
+/// budgets say. Nor for long: a reply not acknowledged within the time it
+/// was given to be read (the request timeout plus its length at the
+/// minimum transfer rate) is reset, which frees its bytes. A connection
+/// closed by shutdown discards unacknowledged data, so on shutdown every
+/// reply still listed is waited for before the close.
 ///
 /// In steady state the list is only pruned, in batches: each stream is
 /// asked once, without waiting, whether its reply is settled, and the
 /// settled ones (and their reservations) are dropped. A check runs when the
 /// list has grown to twice the length, or twice the KiB held, that the last
-/// check kept; when a reservation does not fit in a budget (before the call
-/// is refused); and every [`SWEEP_EVERY`] from the connection's task, so an
-/// idle connection does not keep its last replies' shares. Watching each
-/// reply instead (a future per stream woken by its acknowledgement) cost a
-/// wake-up, a `Notify` and a task-set entry per call: echo 64 B at
-/// concurrency 1 went from x1.27 to x1.39 of raw QUIC with that watch in
-/// the call's task, and still cost about x0.03 in the connection's task.
+/// check kept; when a reservation does not fit in a budget (every list of
+/// the client's, before the call is refused); and every [`SWEEP_EVERY`]
+/// from the connection's task, so an idle connection does not keep its
+/// last replies' shares. Watching each reply instead (a future per stream
+/// woken by its acknowledgement) cost a wake-up, a `Notify` and a task-set
+/// entry per call: echo 64 B at concurrency 1 went from x1.27 to x1.39 of
+/// raw QUIC with that watch in the call's task, and still cost about x0.03
+/// in the connection's task.
+#[derive(Default)]
+pub(crate) struct Lingering {
+    replied: std::sync::Mutex<Replied>,
+}
+
 #[derive(Default)]
 struct Replied {
-    streams: Vec<(quinn::SendStream, Reservation)>,
+    streams: Vec<Reply>,
     /// The KiB the listed reservations hold.
     kib: u64,
     /// The length at which the list is next checked.
@@ -101,13 +106,26 @@ struct Replied {
     check_at_kib: u64,
 }
 
+/// A reply written and finished, and what it holds until acknowledged.
+struct Reply {
+    send: quinn::SendStream,
+    held: Reservation,
+    /// Reset if not acknowledged by then.
+    due: tokio::time::Instant,
+}
+
 /// The smallest list worth checking: a few checks' worth of calls.
 const CHECK_REPLIES_FROM: usize = 64;
+
+/// The KiB of replies a connection may hold unchecked, however few: 1 MiB,
+/// so the shares that acknowledged replies still hold stay small next to
+/// any budget, at a check per MiB sent or less.
+const CHECK_KIB_FROM: u64 = 1024;
 
 /// How often the connection's task checks the lingering replies.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
-impl Conn {
+impl Lingering {
     fn replied(&self) -> std::sync::MutexGuard<'_, Replied> {
         self.replied
             .lock()
@@ -115,15 +133,16 @@ impl Conn {
     }
 
     /// Keeps `send`, whose reply is written and finished, and the call's
-    /// reservation `held` until the reply's acknowledgement is known;
-    /// checks the list when it has doubled (in length or KiB held).
-    fn linger(&self, send: quinn::SendStream, held: Reservation) {
+    /// reservation `held` until the reply's acknowledgement is known, or
+    /// until `due`; checks the list when it has doubled (in length or KiB
+    /// held).
+    fn push(&self, send: quinn::SendStream, held: Reservation, due: tokio::time::Instant) {
         let taken = {
             let mut replied = self.replied();
             replied.kib += u64::from(held.kib());
-            replied.streams.push((send, held));
+            replied.streams.push(Reply { send, held, due });
             if replied.streams.len() < replied.check_at.max(CHECK_REPLIES_FROM)
-                && replied.kib < replied.check_at_kib.max(self.check_kib_from)
+                && replied.kib < replied.check_at_kib.max(CHECK_KIB_FROM)
             {
                 return;
             }
@@ -133,7 +152,7 @@ impl Conn {
     }
 
     /// Checks every lingering reply now; returns the KiB released.
-    fn sweep(&self) -> u64 {
+    pub(crate) fn sweep(&self) -> u64 {
         let taken = {
             let mut replied = self.replied();
             if replied.streams.is_empty() {
@@ -145,22 +164,37 @@ impl Conn {
     }
 
     /// The whole list, to be checked outside its lock.
-    fn take(replied: &mut Replied) -> Vec<(quinn::SendStream, Reservation)> {
+    fn take(replied: &mut Replied) -> Vec<Reply> {
         replied.kib = 0;
         std::mem::take(&mut replied.streams)
     }
 
-    /// Drops the settled replies of `taken` (and their reservations) and
-    /// puts the rest back; returns the KiB released.
-    fn prune(&self, mut taken: Vec<(quinn::SendStream, Reservation)>) -> u64 {
-        let before: u64 = taken.iter().map(|(_, held)| u64::from(held.kib())).sum();
+    /// Drops the settled replies of `taken` (and their reservations),
+    /// resets the overdue ones, and puts the rest back; returns the KiB
+    /// released.
+    fn prune(&self, mut taken: Vec<Reply>) -> u64 {
+        let now = tokio::time::Instant::now();
+        let mut released = 0;
+        let mut kept = 0;
         // Outside the list's lock: each check, and each drop, locks the
         // connection.
-        taken.retain(|(send, _)| {
+        taken.retain_mut(|reply| {
             use futures_util::FutureExt;
-            send.stopped().now_or_never().is_none()
+            let kib = u64::from(reply.held.kib());
+            if reply.send.stopped().now_or_never().is_some() {
+                released += kib;
+                return false;
+            }
+            if now >= reply.due {
+                tracing::debug!("a reply was not acknowledged in time");
+                // Frees the bytes quinn holds for it.
+                let _ = reply.send.reset(StreamCode::ResponseTimeout.varint());
+                released += kib;
+                return false;
+            }
+            kept += kib;
+            true
         });
-        let kept: u64 = taken.iter().map(|(_, held)| u64::from(held.kib())).sum();
         let mut replied = self.replied();
         // Back into the taken list, whose buffer has grown to a check's
         // size, rather than regrowing the emptied one from nothing. What
@@ -170,20 +204,20 @@ impl Conn {
         replied.kib += kept;
         replied.check_at = 2 * replied.streams.len();
         replied.check_at_kib = 2 * replied.kib;
-        before - kept
+        released
     }
 
     /// Waits until every reply still listed is settled: acknowledged,
     /// stopped by the client, or lost with the connection.
-    async fn settle_replies(&self) {
+    async fn settle(&self) {
         let streams = Self::take(&mut self.replied());
         let mut waiting: FuturesUnordered<_> = streams
             .into_iter()
-            .map(|(send, held)| {
-                let acked = send.stopped();
+            .map(|reply| {
+                let acked = reply.send.stopped();
                 async move {
                     let _ = acked.await;
-                    drop((send, held));
+                    drop(reply);
                 }
             })
             .collect();
@@ -237,16 +271,11 @@ pub(crate) async fn connection(
         return;
     }
     let conn_state = Arc::new(Conn {
+        client: shared.clients.join(&identity),
         identity,
-        // quinn's id: unique among live connections, which is all the
-        // queue's turns need.
-        id: conn.stable_id() as u64,
-        budget: Budget::new(shared.connection_budget_kib),
-        replied: std::sync::Mutex::new(Replied::default()),
-        // An eighth of the budget: replies of that much may wait for the
-        // next check, the rest of the budget stays with calls in progress.
-        check_kib_from: u64::from(shared.connection_budget_kib / 8).max(1),
+        lingering: Arc::default(),
     });
+    conn_state.client.watch(&conn_state.lingering);
     tracing::info!(%remote, identity = %conn_state.identity, "connection established");
     // This connection's calls: on shutdown the connection stays open until
     // they have answered (dropping the last handle would close it at once).
@@ -273,7 +302,7 @@ pub(crate) async fn connection(
                 }
             },
             _ = sweep.tick() => {
-                conn_state.sweep();
+                conn_state.lingering.sweep();
             }
             () = &mut cancelled => break,
         }
@@ -283,7 +312,7 @@ pub(crate) async fn connection(
     if cancel.is_cancelled() {
         // Replies already written reach the client before the close
         // discards what it has not acknowledged.
-        let _ = tokio::time::timeout(shared.request_timeout, conn_state.settle_replies()).await;
+        let _ = tokio::time::timeout(shared.request_timeout, conn_state.lingering.settle()).await;
         // Say why, rather than the implicit close of a dropped connection.
         conn.close(CloseCode::ServerShutdown.varint(), b"server shutting down");
     }
@@ -410,9 +439,10 @@ async fn call(
     // A client that stops reading would otherwise hold this call's memory
     // (and its share of the in-flight budget) for as long as it likes.
     let body_len: usize = body.iter().map(Bytes::len).sum();
-    let write_deadline = tokio::time::Instant::now()
-        + shared.request_timeout
-        + transfer_time(shared, body_len as u64);
+    let reply_len = (head.len() + body_len) as u64;
+    let started_writing = tokio::time::Instant::now();
+    let write_deadline =
+        started_writing + shared.request_timeout + transfer_time(shared, reply_len);
     let write = write_frame_chunks(&mut send, head, &body);
     match by(write_deadline, write).await {
         Ok(Ok(())) => {
@@ -423,9 +453,14 @@ async fn call(
                 "call done"
             );
             // quinn holds the reply's bytes until the client acknowledges
-            // them: the reservation stays with the stream until then.
+            // them: their share of the budgets stays with the stream until
+            // then, and the reply is given as long again to be acknowledged
+            // as it was to be read.
+            let mut held = held;
+            held.shrink_to(reply_len);
             drop(body);
-            conn.linger(send, held);
+            let due = tokio::time::Instant::now() + (write_deadline - started_writing);
+            conn.lingering.push(send, held, due);
         }
         Ok(Err(e)) => tracing::debug!(error = %e, "writing a reply"),
         Err(_) => {
@@ -435,10 +470,10 @@ async fn call(
     }
 }
 
-/// Reserves `bytes` from the connection's in-flight budget (so one client
-/// cannot take it all), then from the server's; the shares travel with the
-/// call's bytes. When either is short, the connection's acknowledged
-/// replies give theirs back first.
+/// Reserves `bytes` from the client's in-flight budget (so one client,
+/// however many connections it opens, cannot take it all), then from the
+/// server's; the shares travel with the call's bytes. When either is
+/// short, the client's acknowledged replies give theirs back first.
 fn reserve(shared: &Shared, conn: &Conn, bytes: u64) -> Result<Reservation, Failure> {
     let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
     let exhausted = |whose: &str, budget: u32| {
@@ -454,9 +489,9 @@ fn reserve(shared: &Shared, conn: &Conn, bytes: u64) -> Result<Reservation, Fail
     // rather than "retry later".
     for (whose, total, flag) in [
         (
-            "this connection's",
-            shared.connection_budget_kib,
-            "--max-inflight-per-connection-mib",
+            "this client's",
+            shared.client_budget_kib,
+            "--max-inflight-per-client-mib",
         ),
         ("the server's", shared.budget_kib, "--max-inflight-mib"),
     ] {
@@ -471,21 +506,27 @@ fn reserve(shared: &Shared, conn: &Conn, bytes: u64) -> Result<Reservation, Fail
         }
     }
     let take = || {
-        let connection_share = conn
+        let client_share = conn
+            .client
             .budget
             .try_take(kib)
-            .ok_or_else(|| exhausted("this connection's", shared.connection_budget_kib))?;
+            .ok_or_else(|| exhausted("this client's", shared.client_budget_kib))?;
         let server_share = shared
             .budget
             .try_take(kib)
             .ok_or_else(|| exhausted("the server's", shared.budget_kib))?;
-        Ok(Reservation::new(connection_share, server_share))
+        Ok(Reservation::new(
+            conn.client.clone(),
+            client_share,
+            server_share,
+        ))
     };
     match take() {
         Ok(held) => Ok(held),
         // Acknowledged replies may still hold shares, waiting for the next
-        // check: check now, before refusing.
-        Err(_) if conn.sweep() > 0 => take(),
+        // check: check the client's, on all its connections, before
+        // refusing.
+        Err(_) if conn.client.sweep() > 0 => take(),
         Err(refused) => Err(refused),
     }
 }
@@ -708,7 +749,7 @@ async fn run(
         .try_submit(Job {
             plan,
             kernels: registry.clone(),
-            source: conn.id,
+            source: conn.client.id,
             payload,
             enqueued: Instant::now(),
             deadline,

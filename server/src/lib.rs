@@ -25,6 +25,7 @@
 pub mod access;
 pub mod admission;
 pub mod budget;
+pub(crate) mod clients;
 pub mod gpu;
 pub mod handler;
 pub mod kernel;
@@ -37,6 +38,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use budget::Budget;
+use clients::Clients;
 use quasar_transport::socket::{self, SocketBuffers};
 use quasar_transport::tls::{self, QuicTuning, TlsError};
 use quasar_transport::{CloseCode, Limits};
@@ -93,10 +95,11 @@ pub struct ServerConfig {
     /// Request and response bytes that may be held for in-flight calls, all
     /// connections together; past this, calls get ResourceExhausted.
     pub max_inflight_bytes: u64,
-    /// The same, for the calls of one connection: one client cannot take
-    /// the whole budget. The default holds the largest call (a full
-    /// request and a full response).
-    pub max_inflight_bytes_per_connection: u64,
+    /// The same, for the calls of one client (all the connections of one
+    /// certificate identity together): one client cannot take the whole
+    /// budget, however many connections it opens. The default holds the
+    /// largest call (a full request and a full response).
+    pub max_inflight_bytes_per_client: u64,
     /// A request must arrive in full within this time of its stream
     /// opening, plus its payload's length at `min_transfer_rate`; a reply
     /// must be read within this time plus its length at that rate.
@@ -125,7 +128,7 @@ impl ServerConfig {
             quic: QuicTuning::default(),
             admission: AdmissionLimits::default(),
             max_inflight_bytes: 1024 * 1024 * 1024,
-            max_inflight_bytes_per_connection: 512 * 1024 * 1024,
+            max_inflight_bytes_per_client: 512 * 1024 * 1024,
             request_timeout: Duration::from_secs(30),
             min_transfer_rate: 4 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(10),
@@ -171,8 +174,10 @@ pub(crate) struct Shared {
     /// In-flight bytes, in KiB.
     pub(crate) budget: Arc<Budget>,
     pub(crate) budget_kib: u32,
-    /// Each connection's own budget, in KiB.
-    pub(crate) connection_budget_kib: u32,
+    /// The clients connected now, each with its own budget.
+    pub(crate) clients: Clients,
+    /// Each client's own budget, in KiB.
+    pub(crate) client_budget_kib: u32,
     pub(crate) request_timeout: Duration,
     pub(crate) min_transfer_rate: u64,
     policy: RwLock<Arc<Policy>>,
@@ -244,13 +249,15 @@ impl Server {
         )
         .map_err(bind_error)?;
         let budget_kib = kib_of(config.max_inflight_bytes);
+        let client_budget_kib = kib_of(config.max_inflight_bytes_per_client);
         let shared = Arc::new(Shared {
             kernels: executor.kernels().clone(),
             limits: config.limits.clone(),
             queue: executor.queue(),
             budget: Budget::new(budget_kib),
             budget_kib,
-            connection_budget_kib: kib_of(config.max_inflight_bytes_per_connection),
+            clients: Clients::new(client_budget_kib),
+            client_budget_kib,
             request_timeout: config.request_timeout,
             min_transfer_rate: config.min_transfer_rate,
             policy: RwLock::new(Arc::new(config.policy.clone())),
@@ -280,6 +287,12 @@ impl Server {
             stopping: self.stopping.clone(),
             config_gate: self.config_gate.clone(),
         }
+    }
+
+    /// The in-flight bytes that calls hold now, all clients together
+    /// (requests, responses, and replies not yet acknowledged).
+    pub fn in_flight(&self) -> budget::Gauge {
+        budget::Gauge::new(self.shared.budget.clone(), self.shared.budget_kib)
     }
 
     /// Connection attempts and their outcomes.

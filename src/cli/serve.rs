@@ -65,18 +65,18 @@ pub struct ServeArgs {
     /// Calls that may wait for the GPU, all connections together, before new ones get RESOURCE_EXHAUSTED [default: 1024].
     #[arg(long)]
     queue_depth: Option<usize>,
-    /// Calls one connection may have waiting for the GPU [default: 256].
+    /// Calls one client (all connections of one certificate identity) may have waiting for the GPU [default: 256].
     #[arg(long)]
-    max_queued_per_connection: Option<usize>,
+    max_queued_per_client: Option<usize>,
     /// Most calls encoded into one GPU submission (calls that arrive together share it) [default: 64].
     #[arg(long)]
     max_batch: Option<usize>,
     /// Request and response bytes held for in-flight calls, all connections together, MiB [default: 1024].
     #[arg(long)]
     max_inflight_mib: Option<u64>,
-    /// The same, for one connection's calls, MiB [default: 512].
+    /// The same, for one client's calls (all connections of one certificate identity), MiB [default: 512].
     #[arg(long)]
-    max_inflight_per_connection_mib: Option<u64>,
+    max_inflight_per_client_mib: Option<u64>,
     /// Open connections, all clients together [default: 1024].
     #[arg(long)]
     max_connections: Option<usize>,
@@ -147,10 +147,10 @@ struct FileConfig {
     kernels: Option<PathBuf>,
     adapter: Option<String>,
     queue_depth: Option<usize>,
-    max_queued_per_connection: Option<usize>,
+    max_queued_per_client: Option<usize>,
     max_batch: Option<usize>,
     max_inflight_mib: Option<u64>,
-    max_inflight_per_connection_mib: Option<u64>,
+    max_inflight_per_client_mib: Option<u64>,
     max_connections: Option<usize>,
     max_connections_per_address: Option<usize>,
     max_handshakes: Option<usize>,
@@ -281,8 +281,8 @@ pub async fn config(a: ServeArgs) -> Result<ServerConfig> {
     let secs = Duration::from_secs;
     set(&mut config.gpu.queue_depth, a.queue_depth.or(f.queue_depth));
     set(
-        &mut config.gpu.max_queued_per_connection,
-        a.max_queued_per_connection.or(f.max_queued_per_connection),
+        &mut config.gpu.max_queued_per_client,
+        a.max_queued_per_client.or(f.max_queued_per_client),
     );
     set(&mut config.gpu.max_batch, a.max_batch.or(f.max_batch));
     set(
@@ -302,9 +302,9 @@ pub async fn config(a: ServeArgs) -> Result<ServerConfig> {
         a.max_inflight_mib.or(f.max_inflight_mib).map(mib),
     );
     set(
-        &mut config.max_inflight_bytes_per_connection,
-        a.max_inflight_per_connection_mib
-            .or(f.max_inflight_per_connection_mib)
+        &mut config.max_inflight_bytes_per_client,
+        a.max_inflight_per_client_mib
+            .or(f.max_inflight_per_client_mib)
             .map(mib),
     );
     let adm = &mut config.admission;

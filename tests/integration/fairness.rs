@@ -1,14 +1,26 @@
-//! Fairness between connections: a client that floods the server is held to
+//! Fairness between clients: a client that floods the server is held to
 //! its share of the GPU queue, and a polite client's calls keep completing
-//! without waiting behind the flood.
+//! without waiting behind the flood. A client is a certificate identity:
+//! more connections get it no bigger share of the queue or of the
+//! in-flight byte budget.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use quasar_client::{Client, StatusCode};
+use quasar::embedded::{EmbeddedServer, SERVER_NAME};
+use quasar_client::{Call, Client, ClientConfig, ECHO_KERNEL, StatusCode};
+use quasar_transport::{BufferDesc, ElemType, RequestHeader};
 
-use crate::support::{calibrate, config, spin, spin_server_with};
+use crate::malformed::frame;
+use crate::support::{calibrate, config, eventually, raw_endpoint, spin, spin_server_with};
+
+/// A client configuration with a fresh certificate naming `name`.
+fn identity(server: &EmbeddedServer, name: &str) -> ClientConfig {
+    server
+        .client_config(name)
+        .unwrap_or_else(|e| panic!("issue {name}: {e}"))
+}
 
 fn median(mut v: Vec<u64>) -> u64 {
     v.sort_unstable();
@@ -20,12 +32,16 @@ async fn a_flooding_client_does_not_starve_a_polite_one() {
     // Small batches, so the GPU (not the batch size) is the bottleneck and
     // the order in which queued calls are taken shows.
     let (server, _dir) = spin_server_with(|c| {
-        c.gpu.max_queued_per_connection = 16;
+        c.gpu.max_queued_per_client = 16;
         c.gpu.max_batch = 2;
     })
     .await;
-    let flooder = Client::connect(config(&server)).await.expect("flooder");
-    let polite = Client::connect(config(&server)).await.expect("polite");
+    let flooder = Client::connect(identity(&server, "flooder"))
+        .await
+        .expect("flooder");
+    let polite = Client::connect(identity(&server, "polite"))
+        .await
+        .expect("polite");
     let (iters, _) = calibrate(&polite).await;
     // A call of about a sixteenth of the calibrated 250 ms.
     let iters = (iters / 16).max(1);
@@ -83,13 +99,13 @@ async fn a_flooding_client_does_not_starve_a_polite_one() {
 }
 
 #[tokio::test]
-async fn one_connection_cannot_take_the_whole_byte_budget() {
+async fn one_client_cannot_take_the_whole_byte_budget() {
     let server = crate::support::server_with(|c| {
-        c.max_inflight_bytes_per_connection = 64 * 1024;
+        c.max_inflight_bytes_per_client = 64 * 1024;
     })
     .await;
     let client = Client::connect(config(&server)).await.expect("client");
-    // 2 x 64 KiB in, 64 KiB out: past this connection's budget.
+    // 2 x 64 KiB in, 64 KiB out: past this client's budget.
     let x = vec![1.0f32; 16 * 1024];
     let e = client
         .execute(
@@ -99,10 +115,80 @@ async fn one_connection_cannot_take_the_whole_byte_budget() {
                 .input("y", &x),
         )
         .await
-        .expect_err("past the connection's budget");
+        .expect_err("past the client's budget");
     assert_eq!(e.code(), StatusCode::ResourceExhausted, "{e}");
-    assert!(e.to_string().contains("this connection's"), "{e}");
+    assert!(e.to_string().contains("this client's"), "{e}");
     crate::support::assert_serving(&server).await;
     client.close().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_connections_get_a_client_no_more_of_the_byte_budget() {
+    const MIB: u64 = 1024 * 1024;
+    let server = crate::support::server_with(|c| {
+        c.max_inflight_bytes = 16 * MIB;
+        c.max_inflight_bytes_per_client = 3 * MIB;
+    })
+    .await;
+    // A connection of client `a` declares a 2 MiB echo and sends only its
+    // header: the call holds 2 of a's 3 MiB until its upload times out.
+    let endpoint = raw_endpoint(
+        &server.ca_pem(),
+        &server.issue_client("a").expect("issue a"),
+    );
+    let stalled = endpoint
+        .connect(server.addr(), SERVER_NAME)
+        .expect("connect")
+        .await
+        .expect("handshake");
+    let (mut send, _recv) = stalled.open_bi().await.expect("open");
+    let request = frame(&RequestHeader {
+        kernel: ECHO_KERNEL.into(),
+        args: Vec::new(),
+        buffers: vec![BufferDesc {
+            name: "x".into(),
+            elem: ElemType::U32,
+            len: 2 * MIB / 4,
+        }],
+        timeout_us: None,
+        workgroups: None,
+    });
+    let head = request.len() - 2 * MIB as usize;
+    send.write_all(&request[..head]).await.expect("header");
+
+    let echo = || Call::new(ECHO_KERNEL).input("x", &vec![1u32; (2 * MIB / 4) as usize]);
+    eventually("the stalled call holds its share", || {
+        server.in_flight().held_bytes() >= 2 * MIB
+    })
+    .await;
+    // Another connection of a's is refused: a's budget has 1 MiB left.
+    let a = Client::connect(identity(&server, "a")).await.expect("a");
+    let e = a
+        .execute(echo())
+        .await
+        .expect_err("a's second connection has no budget of its own");
+    assert_eq!(e.code(), StatusCode::ResourceExhausted, "{e}");
+    assert!(e.to_string().contains("this client's"), "{e}");
+    // Another client has its own budget.
+    let b = Client::connect(identity(&server, "b")).await.expect("b");
+    let r = b.execute(echo()).await.expect("b's echo");
+    assert_eq!(
+        r.output::<u32>("x").expect("x").len(),
+        (2 * MIB / 4) as usize
+    );
+    // Closing the stalled connection gives a's share back.
+    stalled.close(0u32.into(), b"done");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while let Err(e) = a.execute(echo()).await {
+        assert_eq!(e.code(), StatusCode::ResourceExhausted, "{e}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a's share was not given back when its stalled connection closed: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.close().await;
+    b.close().await;
     server.stop().await;
 }

@@ -1,7 +1,7 @@
 //! The GPU executor: one thread that owns the device, the queue and the
 //! buffer pool, and runs calls in batches.
 //!
-//! Async handlers queue [`Job`]s in a fair queue (one FIFO per connection,
+//! Async handlers queue [`Job`]s in a fair queue (one FIFO per client,
 //! taken round-robin) without
 //! waiting (a full queue is refused at once, ResourceExhausted); each job
 //! carries a oneshot for its reply. The thread takes everything queued at
@@ -53,6 +53,7 @@ pub use super::sched::SubmitError;
 use super::sched::{FairQueue, Next, Queued, Waited};
 use super::{AdapterSummary, GpuError, choose_adapter};
 use crate::budget::Share;
+use crate::clients::Client;
 use crate::kernel::plan::{CallPlan, DeviceCaps};
 use crate::kernel::{BufferRole, KernelInterface};
 
@@ -67,8 +68,9 @@ pub struct GpuConfig {
     /// Calls that may wait for the GPU, all connections together; past
     /// this, calls are refused.
     pub queue_depth: usize,
-    /// Calls one connection may have waiting for the GPU.
-    pub max_queued_per_connection: usize,
+    /// Calls one client (all the connections of one certificate identity)
+    /// may have waiting for the GPU.
+    pub max_queued_per_client: usize,
     /// Most calls encoded into one GPU submission (at most [`MAX_BATCH`]).
     pub max_batch: usize,
     /// Most payload bytes in one submission (a batch always takes at least
@@ -123,7 +125,7 @@ impl Default for GpuConfig {
             kernel_dir: None,
             adapter: None,
             queue_depth: 1024,
-            max_queued_per_connection: 256,
+            max_queued_per_client: 256,
             max_batch: 64,
             max_batch_bytes: 16 * 1024 * 1024,
             poll_timeout: Duration::from_secs(60),
@@ -209,7 +211,7 @@ pub struct Job {
     pub plan: CallPlan,
     /// The kernels the plan was made against (its `kernel` indexes these).
     pub kernels: Arc<Registry>,
-    /// Who queued it (a connection), for fair turns.
+    /// Who queued it (a client: all the connections of one identity), for fair turns.
     pub source: u64,
     /// The request payload the plan's ranges point into, as received.
     pub payload: ChunkedPayload,
@@ -224,26 +226,39 @@ pub struct Job {
     pub reservation: Reservation,
 }
 
-/// A call's share of the in-flight byte budgets (its connection's and the
+/// A call's share of the in-flight byte budgets (its client's and the
 /// server's), given back when dropped. In-process calls hold none.
 #[derive(Debug, Default)]
 pub struct Reservation {
-    connection: Option<Share>,
-    _server: Option<Share>,
+    client: Option<Share>,
+    server: Option<Share>,
+    /// Keeps the client known while its calls hold anything, so that it
+    /// cannot close its connections and open new ones for a fresh budget
+    /// (and queue share) while the old are still in use.
+    _owner: Option<Arc<Client>>,
 }
 
 impl Reservation {
     /// Holds both shares until dropped.
-    pub(crate) fn new(connection: Share, server: Share) -> Self {
+    pub(crate) fn new(owner: Arc<Client>, client: Share, server: Share) -> Self {
         Self {
-            connection: Some(connection),
-            _server: Some(server),
+            client: Some(client),
+            server: Some(server),
+            _owner: Some(owner),
+        }
+    }
+
+    /// Gives back all but what `bytes` need, of both budgets.
+    pub(crate) fn shrink_to(&mut self, bytes: u64) {
+        let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+        for share in [&mut self.client, &mut self.server].into_iter().flatten() {
+            share.shrink_to(kib);
         }
     }
 
     /// The KiB held (of each budget: the two shares are the same size).
     pub(crate) fn kib(&self) -> u32 {
-        self.connection.as_ref().map_or(0, Share::kib)
+        self.client.as_ref().map_or(0, Share::kib)
     }
 }
 
@@ -401,10 +416,7 @@ impl GpuExecutor {
     /// pipeline does not compile.
     pub async fn start(config: GpuConfig) -> Result<Self, GpuError> {
         let (ready_tx, ready_rx) = oneshot::channel();
-        let queue = Arc::new(Queue::new(
-            config.queue_depth,
-            config.max_queued_per_connection,
-        ));
+        let queue = Arc::new(Queue::new(config.queue_depth, config.max_queued_per_client));
         let stats = Arc::new(ExecutorStats::default());
         let thread_stats = stats.clone();
         let thread_queue = queue.clone();

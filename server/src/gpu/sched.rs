@@ -1,7 +1,8 @@
 //! The queue between the async handlers and the GPU thread, fair between
-//! connections.
+//! clients.
 //!
-//! Each source (a connection; in-process callers share one) has its own
+//! Each source (a client: all the connections of one certificate identity;
+//! in-process callers share one) has its own
 //! FIFO, and the GPU thread takes work round-robin across sources: a client
 //! with 200 calls queued gets one turn, then a client with one call gets
 //! its turn. Both the whole queue and each source's share of it are
@@ -31,8 +32,8 @@ pub enum SubmitError {
     /// The whole queue is full.
     #[error("the GPU queue is full ({0} calls waiting)")]
     Full(usize),
-    /// This connection already has its share of the queue.
-    #[error("this connection already has {0} calls waiting for the GPU, its share of the queue")]
+    /// This client already has its share of the queue.
+    #[error("this client already has {0} calls waiting for the GPU, its share of the queue")]
     SourceFull(usize),
     /// The executor has stopped.
     #[error("the GPU executor has stopped")]
