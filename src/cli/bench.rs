@@ -257,7 +257,11 @@ pub async fn run(a: BenchArgs) -> Result<()> {
             c.gpu.timestamps = timestamps;
             c.gpu.idle_spin = idle_spin;
             // The bench decides the load; let the GPU queue hold all of it.
+            // Its connections are one client (one certificate), so the
+            // per-client bounds are the totals.
             c.gpu.queue_depth = 4096;
+            c.gpu.max_queued_per_client = c.gpu.queue_depth;
+            c.max_inflight_bytes_per_client = c.max_inflight_bytes;
             c.quic.max_udp_payload = max_udp_payload;
         })
         .await

@@ -192,3 +192,67 @@ async fn more_connections_get_a_client_no_more_of_the_byte_budget() {
     b.close().await;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_connections_get_a_client_no_more_of_the_gpu_queue() {
+    let (server, _dir) = spin_server_with(|c| {
+        c.gpu.max_queued_per_client = 2;
+        c.gpu.max_batch = 1;
+    })
+    .await;
+    let first = Client::connect(identity(&server, "q")).await.expect("q");
+    let second = Client::connect(identity(&server, "q"))
+        .await
+        .expect("q again");
+    let other = Client::connect(identity(&server, "r")).await.expect("r");
+    let (iters, _) = calibrate(&other).await;
+    // Calls of about a quarter of the calibrated 250 ms.
+    let iters = (iters / 4).max(1);
+
+    // Keeps q's share of the queue (2 calls) full from its first
+    // connection.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut flood = Vec::new();
+    for _ in 0..4 {
+        let (c, stop) = (first.clone(), stop.clone());
+        flood.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match c.execute(spin(iters)).await {
+                    Ok(_) => {}
+                    Err(e) if e.code() == StatusCode::ResourceExhausted => {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    Err(e) => panic!("q's first connection: unexpected {e}"),
+                }
+            }
+        }));
+    }
+    // q's second connection finds the share taken: with a share of its
+    // own it would be queued every time.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let e = loop {
+        match second.execute(spin(iters)).await {
+            Ok(_) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "q's second connection had a queue share of its own for 10 s"
+            ),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(e.code(), StatusCode::ResourceExhausted, "{e}");
+    assert!(
+        e.to_string().contains("this client already has 2 calls"),
+        "{e}"
+    );
+    // Another client has a share of its own, and its turn.
+    other.execute(spin(iters)).await.expect("r's call");
+
+    stop.store(true, Ordering::Relaxed);
+    for f in flood {
+        f.await.expect("flood task");
+    }
+    first.close().await;
+    second.close().await;
+    other.close().await;
+    server.stop().await;
+}

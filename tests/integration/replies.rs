@@ -158,7 +158,10 @@ async fn acknowledged_replies_give_their_share_back_before_a_call_is_refused() {
     let server = server_with(|c| c.max_inflight_bytes_per_client = 3 * MIB as u64).await;
     let client = client(&server).await;
     // Each call needs 2 of the client's 3 MiB, so each needs the last
-    // one's share back, though no periodic check has run since.
+    // one's share back, though no periodic check has run since. The
+    // acknowledgement of a reply rides with the client's next packet
+    // (quinn bundles pending acknowledgements with whatever it sends), so
+    // the server has it when the next request's header arrives.
     for i in 0..4 {
         let r = client
             .execute(echo(2 * MIB))
