@@ -13,11 +13,16 @@
 //!
 //! Every refusal is a status reply with a message. When the request was not
 //! read to its end, the server also sends `STOP_SENDING` with
-//! [`StreamCode::RequestRejected`] so the client stops uploading. A request
-//! that does not arrive within the read timeout (plus its payload's length
-//! at the minimum transfer rate) is reset with [`StreamCode::RequestTimeout`]
-//! on both halves, and a reply the client does not read within the same
-//! allowance with [`StreamCode::ResponseTimeout`].
+//! [`StreamCode::RequestRejected`] so the client stops uploading. A
+//! request's header must arrive within the read timeout of its stream
+//! opening, and its payload keep pace with the minimum transfer rate from
+//! then on (each byte due by the timeout plus the time the bytes before it
+//! take at that rate: a client that declares a large payload and sends
+//! nothing is cut off at the timeout, not at the end of its length's
+//! allowance); a request that does not is reset with
+//! [`StreamCode::RequestTimeout`] on both halves. A reply the client does
+//! not read within the read timeout plus its length at that rate is reset
+//! with [`StreamCode::ResponseTimeout`].
 //!
 //! The call's reservations of the in-flight byte budgets (its client's and
 //! the server's) travel with its bytes: into the GPU job, then into the
@@ -37,7 +42,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use quasar_transport::frame::FrameKind;
-use quasar_transport::io::{ChunkedPayload, FrameReader, write_frame_chunks};
+use quasar_transport::io::{ChunkedPayload, FrameReader, Pace, write_frame_chunks};
 use quasar_transport::wire::{ArchivedRequestHeader, access_request, encode_response_frame};
 use quasar_transport::{
     BufferDesc, CloseCode, ECHO_KERNEL, FrameError, ReadFrameError, ResponseHeader, StatusCode,
@@ -540,12 +545,12 @@ async fn echo(
     conn: &Conn,
     header: &ArchivedRequestHeader,
     payload_len: u64,
-    read_deadline: tokio::time::Instant,
+    pace: Pace,
 ) -> Result<Success, Failure> {
     let buffers = plan_echo(header, payload_len, &shared.limits)
         .map_err(|e| Failure::status(e.code, e.message, true))?;
     let reservation = reserve(shared, conn, payload_len)?;
-    let payload = read_payload(reader, payload_len, read_deadline).await?;
+    let payload = read_payload(reader, payload_len, pace).await?;
     Ok(Success {
         header: ResponseHeader {
             status: StatusCode::Ok.as_u16(),
@@ -559,17 +564,16 @@ async fn echo(
     })
 }
 
-/// Reads the request's payload by `deadline`, then its end if that came
-/// with it (otherwise dropping the stream costs a `STOP_SENDING` packet per
-/// call).
+/// Reads the request's payload at `pace`, then its end if that came with it
+/// (otherwise dropping the stream costs a `STOP_SENDING` packet per call).
 async fn read_payload(
     reader: &mut FrameReader<'_>,
     len: u64,
-    deadline: tokio::time::Instant,
+    pace: Pace,
 ) -> Result<ChunkedPayload, Failure> {
-    let payload = by(deadline, reader.chunked(len, "payload"))
+    let payload = reader
+        .chunked_paced(len, "payload", pace)
         .await
-        .map_err(|_| Failure::Reset(StreamCode::RequestTimeout))?
         .map_err(read_failure)?;
     reader.end_if_arrived().map_err(read_failure)?;
     Ok(payload)
@@ -623,6 +627,8 @@ fn read_failure(e: ReadFrameError) -> Failure {
         ReadFrameError::TooLarge { .. } => {
             Failure::status(StatusCode::ResourceExhausted, e.to_string(), true)
         }
+        // The payload fell behind the minimum transfer rate.
+        ReadFrameError::Behind { .. } => Failure::Reset(StreamCode::RequestTimeout),
         ReadFrameError::Trailing { .. } => Failure::status(
             StatusCode::InvalidArgument,
             format!("request stream does not end with its frame: {e}"),
@@ -655,8 +661,12 @@ async fn run(
     *header_read = Some(started);
     let header = access_request(&header_bytes)
         .map_err(|e| Failure::status(StatusCode::InvalidArgument, e.to_string(), true))?;
-    // A large payload is given time for its length at the minimum rate.
-    let payload_deadline = read_deadline + transfer_time(shared, prefix.payload_len);
+    // Each byte of the payload is due by the read deadline plus the time
+    // the bytes before it take at the minimum rate.
+    let pace = Pace {
+        start: read_deadline,
+        rate: shared.min_transfer_rate,
+    };
     let requested = header.kernel.as_str();
     // Kept only for the access log, when something records it: no
     // allocation per call otherwise.
@@ -664,15 +674,7 @@ async fn run(
         *kernel_name = Some(requested.chars().take(64).collect());
     }
     if requested == ECHO_KERNEL {
-        return echo(
-            &mut reader,
-            shared,
-            conn,
-            header,
-            prefix.payload_len,
-            payload_deadline,
-        )
-        .await;
+        return echo(&mut reader, shared, conn, header, prefix.payload_len, pace).await;
     }
     // Checked against the kernels and policy as they are now; a reload
     // meanwhile does not change what this call runs.
@@ -721,7 +723,7 @@ async fn run(
     let bytes = prefix.payload_len + plan.response_layout.total() as u64;
     let reservation = reserve(shared, conn, bytes)?;
 
-    let payload = read_payload(&mut reader, prefix.payload_len, payload_deadline).await?;
+    let payload = read_payload(&mut reader, prefix.payload_len, pace).await?;
 
     let timeout = header.timeout_us.as_ref().map(|us| us.to_native());
     // A budget too large to represent is no deadline at all.

@@ -115,3 +115,42 @@ async fn a_large_request_is_given_time_for_its_length() {
     assert_eq!(code, StatusCode::Ok, "{message}");
     server.stop().await;
 }
+
+/// The payload must keep pace with the minimum transfer rate all along: a
+/// client that declares a large payload and then stalls is cut off at the
+/// request timeout plus what it sent at that rate, not at the end of its
+/// whole length's allowance, and its share of the budgets comes back then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_that_stalls_is_reset_when_it_falls_behind_not_at_its_length() {
+    let server = server_with(|c| {
+        c.request_timeout = Duration::from_millis(500);
+        // 1 MiB/s: the whole 16 MiB would be given 16.5 s.
+        c.min_transfer_rate = 1024 * 1024;
+    })
+    .await;
+    let (_endpoint, conn) = raw_connection(&server).await;
+    let whole = frame(&saxpy_header(1 << 21, 1 << 21));
+    let (mut send, mut recv) = conn.open_bi().await.expect("open");
+    let started = std::time::Instant::now();
+    // The header and 64 KiB of payload (due by 0.5 s + 62.5 ms), then
+    // nothing.
+    let head = whole.len() - 16 * 1024 * 1024;
+    send.write_all(&whole[..head + 64 * 1024])
+        .await
+        .expect("write");
+    crate::support::eventually("the call holds its share", || {
+        server.in_flight().held_bytes() >= 16 * 1024 * 1024
+    })
+    .await;
+    crate::support::expect_reset(&mut recv, quasar_transport::StreamCode::RequestTimeout).await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(4),
+        "reset after {took:?}: due at about 0.56 s, the whole allowance 16.5 s"
+    );
+    crate::support::eventually("the call's share comes back", || {
+        server.in_flight().held_bytes() == 0
+    })
+    .await;
+    server.stop().await;
+}

@@ -93,6 +93,20 @@ pub async fn read_reply(recv: &mut quinn::RecvStream) -> (StatusCode, String) {
     (code, message)
 }
 
+/// Waits (at most 10 s) for the server to reset `recv`, and asserts that it
+/// did so with `code`.
+pub async fn expect_reset(recv: &mut quinn::RecvStream, code: quasar_transport::StreamCode) {
+    let read = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1 << 20))
+        .await
+        .expect("the server must not wait this long");
+    match read {
+        Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(got))) => {
+            assert_eq!(got, code.varint(), "reset with {code:?}");
+        }
+        other => panic!("expected a reset, got {other:?}"),
+    }
+}
+
 /// Asserts that a fresh client can still make a correct call.
 pub async fn assert_serving(server: &EmbeddedServer) {
     let c = client(server).await;

@@ -58,6 +58,17 @@ pub enum ReadFrameError {
         /// The declared length.
         len: u64,
     },
+    /// The part fell behind its [`Pace`]: these bytes had not arrived by
+    /// the time the next was due.
+    #[error("the {part} fell behind: {read} of {expected} bytes had arrived when more were due")]
+    Behind {
+        /// Which part of the frame was being read.
+        part: &'static str,
+        /// Bytes read of that part.
+        read: usize,
+        /// Bytes expected.
+        expected: usize,
+    },
     /// Bytes followed the frame on its stream (a stream carries one frame).
     #[error("{len} bytes after the end of the frame")]
     Trailing {
@@ -297,29 +308,65 @@ impl<'a> FrameReader<'a> {
         len: u64,
         part: &'static str,
     ) -> Result<ChunkedPayload, ReadFrameError> {
-        let len = usize::try_from(len).map_err(|_| ReadFrameError::TooLarge { len })?;
-        let mut chunks = Vec::new();
-        let mut gathered = BytesMut::new();
-        let mut read = 0usize;
-        while read < len {
-            self.buffer(part, read, len).await?;
-            let n = (len - read).min(self.buffered.len());
-            let piece = self.buffered.split_to(n);
-            read += n;
-            // A payload in one piece pins one datagram, as its header did.
-            if piece.len() >= GATHER_BELOW || n == len {
-                if !gathered.is_empty() {
-                    chunks.push(gathered.split().freeze());
+        let mut out = Gather::new(len)?;
+        while out.read < out.len {
+            self.buffer(part, out.read, out.len).await?;
+            out.take(&mut self.buffered);
+        }
+        Ok(out.finish())
+    }
+
+    /// As [`chunked`](Self::chunked), failing with
+    /// [`ReadFrameError::Behind`] as soon as the bytes fall behind `pace`.
+    ///
+    /// # Errors
+    /// As [`chunked`](Self::chunked), and [`ReadFrameError::Behind`].
+    pub async fn chunked_paced(
+        &mut self,
+        len: u64,
+        part: &'static str,
+        pace: Pace,
+    ) -> Result<ChunkedPayload, ReadFrameError> {
+        use futures_util::FutureExt;
+        let mut out = Gather::new(len)?;
+        // No timer while the bytes are there already: the usual case, a
+        // payload that arrived with its header.
+        while out.read < out.len {
+            match self.buffer(part, out.read, out.len).now_or_never() {
+                Some(filled) => {
+                    filled?;
+                    out.take(&mut self.buffered);
                 }
-                chunks.push(piece);
-            } else {
-                gathered.extend_from_slice(&piece);
+                None => break,
             }
         }
-        if !gathered.is_empty() {
-            chunks.push(gathered.freeze());
+        // Then one timer for the rest, moved on only when it fires: a part
+        // that keeps its pace costs no timer per piece.
+        let mut behind = std::pin::pin!(tokio::time::sleep_until(pace.due(out.read)));
+        while out.read < out.len {
+            loop {
+                tokio::select! {
+                    biased;
+                    filled = self.buffer(part, out.read, out.len) => {
+                        filled?;
+                        break;
+                    }
+                    () = &mut behind => {
+                        let due = pace.due(out.read);
+                        if tokio::time::Instant::now() >= due {
+                            return Err(ReadFrameError::Behind {
+                                part,
+                                read: out.read,
+                                expected: out.len,
+                            });
+                        }
+                        behind.as_mut().reset(due);
+                    }
+                }
+            }
+            out.take(&mut self.buffered);
         }
-        Ok(ChunkedPayload { chunks, len })
+        Ok(out.finish())
     }
 
     /// After the whole frame: reads the end of the stream if it has already
@@ -349,6 +396,80 @@ impl<'a> FrameReader<'a> {
             }),
             Some(Err(e)) => Err(read_error("end of the stream", e)),
         }
+    }
+}
+
+/// A payload being read as chunks: QUIC's pieces kept as they came, those
+/// shorter than [`GATHER_BELOW`] gathered into buffers of their own.
+struct Gather {
+    chunks: Vec<Bytes>,
+    gathered: BytesMut,
+    read: usize,
+    len: usize,
+}
+
+impl Gather {
+    fn new(len: u64) -> Result<Self, ReadFrameError> {
+        Ok(Self {
+            chunks: Vec::new(),
+            gathered: BytesMut::new(),
+            read: 0,
+            len: usize::try_from(len).map_err(|_| ReadFrameError::TooLarge { len })?,
+        })
+    }
+
+    /// Takes what `buffered` holds of the payload.
+    fn take(&mut self, buffered: &mut Bytes) {
+        let n = (self.len - self.read).min(buffered.len());
+        let piece = buffered.split_to(n);
+        self.read += n;
+        // A payload in one piece pins one datagram, as its header did.
+        if piece.len() >= GATHER_BELOW || n == self.len {
+            if !self.gathered.is_empty() {
+                self.chunks.push(self.gathered.split().freeze());
+            }
+            self.chunks.push(piece);
+        } else {
+            self.gathered.extend_from_slice(&piece);
+        }
+    }
+
+    fn finish(mut self) -> ChunkedPayload {
+        if !self.gathered.is_empty() {
+            self.chunks.push(self.gathered.freeze());
+        }
+        ChunkedPayload {
+            chunks: self.chunks,
+            len: self.len,
+        }
+    }
+}
+
+/// When the bytes of a part must arrive: the first by `start`, and each
+/// later one by `start` plus the time the bytes before it take at `rate`
+/// bytes per second. A peer that sends nothing is cut off at `start`, and
+/// one that falls behind the rate as soon as it does, where a deadline for
+/// the whole part would let it hold the part's memory until the end of its
+/// allowance.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    /// When the first byte is due.
+    pub start: tokio::time::Instant,
+    /// Bytes per second after that; 0: every byte by `start`.
+    pub rate: u64,
+}
+
+impl Pace {
+    /// When the byte after the first `read` is due.
+    pub fn due(&self, read: usize) -> tokio::time::Instant {
+        if self.rate == 0 {
+            return self.start;
+        }
+        // At most a day later: far enough to mean "never" here, and
+        // never past what an `Instant` can hold.
+        const DAY_NANOS: u128 = 86_400 * 1_000_000_000;
+        let nanos = ((read as u128) * 1_000_000_000 / u128::from(self.rate)).min(DAY_NANOS);
+        self.start + std::time::Duration::from_nanos(nanos as u64)
     }
 }
 
@@ -400,6 +521,26 @@ pub async fn write_frame_chunks(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_pace_gives_each_byte_its_time_at_the_rate() {
+        use std::time::Duration;
+        let start = tokio::time::Instant::now();
+        let pace = super::Pace { start, rate: 1000 };
+        assert_eq!(pace.due(0), start);
+        assert_eq!(pace.due(500), start + Duration::from_millis(500));
+        let anytime = super::Pace { start, rate: 0 };
+        assert_eq!(
+            anytime.due(1 << 30),
+            start,
+            "rate 0: every byte by the start"
+        );
+        assert_eq!(
+            pace.due(usize::MAX),
+            start + Duration::from_secs(86_400),
+            "capped at a day, never overflowing"
+        );
+    }
+
     use super::*;
 
     #[test]
