@@ -252,3 +252,26 @@ async fn a_request_that_stalls_half_way_is_reset_after_the_read_timeout() {
     assert_serving(&server).await;
     server.stop().await;
 }
+
+/// A header larger than the readers' first allocation (4 KiB), sent in
+/// pieces, is read whole as its buffer grows: a long kernel name comes back
+/// as an unknown kernel, not as a malformed header.
+#[tokio::test]
+async fn a_large_header_sent_in_pieces_is_read_whole() {
+    let server = server().await;
+    let (_endpoint, conn) = raw_connection(&server).await;
+    let mut header = saxpy_header(4, 4);
+    header.kernel = "k".repeat(20_000);
+    let whole = frame(&header);
+    let (mut send, mut recv) = conn.open_bi().await.expect("open");
+    for piece in whole.chunks(1000) {
+        send.write_all(piece).await.expect("write");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    send.finish().expect("finish");
+    let (code, message) = crate::support::read_reply(&mut recv).await;
+    assert_eq!(code, StatusCode::NotFound, "{message}");
+    assert!(message.contains("kkkk"), "{message}");
+    assert_serving(&server).await;
+    server.stop().await;
+}

@@ -269,7 +269,13 @@ impl<'a> FrameReader<'a> {
         })
         .await?;
         let prefix = Prefix::decode(&bytes, kind, limits)?;
-        let header = self.aligned(u64::from(prefix.header_len), "header").await?;
+        let len = prefix.header_len as usize;
+        // Grown as the bytes arrive, from a size that holds any real
+        // header: a peer that declares the largest header allowed on every
+        // stream and sends little of it gets little memory for it.
+        let mut header = Payload::with_capacity(header_start(len));
+        self.take(len, "header", |piece| header.extend_from_slice(piece))
+            .await?;
         Ok((prefix, header))
     }
 
@@ -399,6 +405,14 @@ impl<'a> FrameReader<'a> {
     }
 }
 
+/// The first allocation for a header of `len` bytes: all of it when it is
+/// small, as real headers are (a call of 16 buffers and 32 arguments
+/// archives to under 2 KiB); the buffer grows from there as bytes arrive.
+fn header_start(len: usize) -> usize {
+    const HEADER_START: usize = 4 * 1024;
+    len.min(HEADER_START)
+}
+
 /// A payload being read as chunks: QUIC's pieces kept as they came, those
 /// shorter than [`GATHER_BELOW`] gathered into buffers of their own.
 struct Gather {
@@ -521,6 +535,12 @@ pub async fn write_frame_chunks(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_large_declared_header_is_not_allocated_before_it_arrives() {
+        assert_eq!(super::header_start(300), 300, "a real header at once");
+        assert_eq!(super::header_start(64 * 1024), 4 * 1024);
+    }
+
     #[test]
     fn a_pace_gives_each_byte_its_time_at_the_rate() {
         use std::time::Duration;

@@ -20,8 +20,8 @@ pub struct Limits {
 
 impl Limits {
     /// 64 KiB of header is far above any real call (a call with 16 buffers and
-    /// 32 args archives to well under 2 KiB) and small enough to allocate
-    /// eagerly for every stream.
+    /// 32 args archives to well under 2 KiB). Readers allocate at most 4 KiB
+    /// of it before its bytes arrive, and grow the buffer as they do.
     pub const DEFAULT_MAX_HEADER_LEN: u32 = 64 * 1024;
     /// 256 MiB holds the largest shipped workloads (a 2^24-element scan is
     /// 64 MiB each way) with room to spare.
