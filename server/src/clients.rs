@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
 
 use crate::access::Identity;
 use crate::budget::Budget;
@@ -34,7 +35,12 @@ pub(crate) struct Clients {
     /// Each client's budget, in KiB.
     budget_kib: u32,
     live: Arc<Mutex<Live>>,
+    /// When every client's replies were last checked.
+    swept_all: Mutex<Option<Instant>>,
 }
+
+/// The least time between two checks of every client's replies.
+const SWEEP_ALL_EVERY: Duration = Duration::from_millis(10);
 
 #[derive(Debug, Default)]
 struct Live {
@@ -93,7 +99,30 @@ impl Clients {
         Self {
             budget_kib,
             live: Arc::default(),
+            swept_all: Mutex::default(),
         }
+    }
+
+    /// Checks the lingering replies of every client; returns the KiB
+    /// released. One caller at a time, and at most once per
+    /// [`SWEEP_ALL_EVERY`]: a flood of refused calls does not walk every
+    /// list per call.
+    pub(crate) fn sweep_all(&self) -> u64 {
+        let Ok(mut last) = self.swept_all.try_lock() else {
+            return 0;
+        };
+        let now = Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < SWEEP_ALL_EVERY) {
+            return 0;
+        }
+        *last = Some(now);
+        // Collected first: a client dropped here locks the map.
+        let clients: Vec<Arc<Client>> = lock(&self.live)
+            .by_identity
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        clients.iter().map(|c| c.sweep()).sum()
     }
 
     /// The client `identity` names: the one its other open connections

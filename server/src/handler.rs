@@ -526,14 +526,23 @@ fn reserve(shared: &Shared, conn: &Conn, bytes: u64) -> Result<Reservation, Fail
             server_share,
         ))
     };
-    match take() {
-        Ok(held) => Ok(held),
-        // Acknowledged replies may still hold shares, waiting for the next
-        // check: check the client's, on all its connections, before
-        // refusing.
-        Err(_) if conn.client.sweep() > 0 => take(),
-        Err(refused) => Err(refused),
+    let refused = match take() {
+        Ok(held) => return Ok(held),
+        Err(refused) => refused,
+    };
+    // Acknowledged replies may still hold shares, waiting for their
+    // connection's next check: check the client's, on all its connections,
+    // before refusing; and every client's when the server's budget is the
+    // short one.
+    if conn.client.sweep() > 0
+        && let Ok(held) = take()
+    {
+        return Ok(held);
     }
+    if conn.client.budget.free() >= kib && shared.clients.sweep_all() > 0 {
+        return take();
+    }
+    Err(refused)
 }
 
 /// The built-in echo: the request's buffers back, unchanged, with no GPU

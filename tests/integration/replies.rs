@@ -205,3 +205,28 @@ async fn a_reply_never_acknowledged_is_reset_and_its_share_given_back() {
     mute.join().expect("the mute client's thread");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn another_clients_acknowledged_replies_give_the_server_budget_back_before_a_refusal() {
+    let server = server_with(|c| {
+        c.max_inflight_bytes = 3 * MIB as u64;
+        c.max_inflight_bytes_per_client = 3 * MIB as u64;
+    })
+    .await;
+    let first = crate::support::client_named(&server, "first").await;
+    let second = crate::support::client_named(&server, "second").await;
+    first.execute(echo(2 * MIB)).await.expect("first's echo");
+    // Time for first's acknowledgement of the reply (quinn may delay it by
+    // up to 25 ms); well inside its connection's one-second check.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    // first's share is free but listed until its connection's next check;
+    // second's call, short of the server's budget, checks every client's.
+    let r = second
+        .execute(echo(2 * MIB))
+        .await
+        .expect("second's echo: first's acknowledged reply gives its share back");
+    assert_eq!(r.output::<u32>("x").expect("x").len(), 2 * MIB / 4);
+    first.close().await;
+    second.close().await;
+    server.stop().await;
+}

@@ -32,6 +32,17 @@ pub async fn client(server: &EmbeddedServer) -> Client {
         .unwrap_or_else(|e| panic!("connect: {e}"))
 }
 
+/// A connected SDK client with a fresh certificate naming `name`: a
+/// client of its own to the server's per-client bounds.
+pub async fn client_named(server: &EmbeddedServer, name: &str) -> Client {
+    let config = server
+        .client_config(name)
+        .unwrap_or_else(|e| panic!("issue {name}: {e}"));
+    Client::connect(config)
+        .await
+        .unwrap_or_else(|e| panic!("connect {name}: {e}"))
+}
+
 /// A client configuration with a fresh certificate.
 pub fn config(server: &EmbeddedServer) -> ClientConfig {
     server
