@@ -12,7 +12,8 @@
 //! not get it a fresh budget either.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
 use crate::access::Identity;
@@ -37,6 +38,9 @@ pub(crate) struct Clients {
     live: Arc<Mutex<Live>>,
     /// When every client's replies were last checked.
     swept_all: Mutex<Option<Instant>>,
+    /// KiB that lingering replies hold, all connections together: a check
+    /// of every list is skipped when they could not cover a shortfall.
+    lingering_kib: Arc<AtomicI64>,
 }
 
 /// The least time between two checks of every client's replies.
@@ -57,7 +61,7 @@ pub(crate) struct Client {
     /// The client's in-flight byte budget, in KiB.
     pub(crate) budget: Arc<Budget>,
     /// Its connections' lists of replies awaiting acknowledgement, checked
-    /// together when the client's budget is short.
+    /// together when a budget is short.
     lingering: Mutex<Vec<Weak<Lingering>>>,
     key: Key,
     live: Arc<Mutex<Live>>,
@@ -100,16 +104,28 @@ impl Clients {
             budget_kib,
             live: Arc::default(),
             swept_all: Mutex::default(),
+            lingering_kib: Arc::default(),
         }
     }
 
-    /// Checks the lingering replies of every client; returns the KiB
-    /// released. One caller at a time, and at most once per
-    /// [`SWEEP_ALL_EVERY`]: a flood of refused calls does not walk every
-    /// list per call.
-    pub(crate) fn sweep_all(&self) -> u64 {
-        let Ok(mut last) = self.swept_all.try_lock() else {
+    /// The count of KiB held by lingering replies that each connection's
+    /// list keeps up to date.
+    pub(crate) fn lingering_kib(&self) -> Arc<AtomicI64> {
+        self.lingering_kib.clone()
+    }
+
+    /// Checks the lingering replies of every client, if they hold at least
+    /// `short` KiB; returns the KiB released. One caller at a time, and at
+    /// most once per [`SWEEP_ALL_EVERY`]: a flood of refused calls does not
+    /// walk every list per call.
+    pub(crate) fn sweep_all(&self, short: u32) -> u64 {
+        if self.lingering_kib.load(Ordering::Relaxed) < i64::from(short) {
             return 0;
+        }
+        let mut last = match self.swept_all.try_lock() {
+            Ok(last) => last,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return 0,
         };
         let now = Instant::now();
         if last.is_some_and(|t| now.duration_since(t) < SWEEP_ALL_EVERY) {

@@ -38,7 +38,7 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 
 use bytes::Bytes;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use quasar_transport::frame::FrameKind;
@@ -88,16 +88,18 @@ struct Conn {
 /// settled ones (and their reservations) are dropped. A check runs when the
 /// list has grown to twice the length, or twice the KiB held, that the last
 /// check kept; when a reservation does not fit in a budget (every list of
-/// the client's, before the call is refused); and every [`SWEEP_EVERY`]
+/// the client's, and of every client when the server's budget is short,
+/// before the call is refused); and every [`SWEEP_EVERY`]
 /// from the connection's task, so an idle connection does not keep its
 /// last replies' shares. Watching each reply instead (a future per stream
 /// woken by its acknowledgement) cost a wake-up, a `Notify` and a task-set
 /// entry per call: echo 64 B at concurrency 1 went from x1.27 to x1.39 of
 /// raw QUIC with that watch in the call's task, and still cost about x0.03
 /// in the connection's task.
-#[derive(Default)]
 pub(crate) struct Lingering {
     replied: std::sync::Mutex<Replied>,
+    /// The server-wide count of KiB that lingering replies hold.
+    server_kib: Arc<AtomicI64>,
 }
 
 #[derive(Default)]
@@ -130,7 +132,22 @@ const CHECK_KIB_FROM: u64 = 1024;
 /// How often the connection's task checks the lingering replies.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        let kib = self.replied().kib;
+        self.server_kib
+            .fetch_sub(i64::try_from(kib).unwrap_or(i64::MAX), Ordering::Relaxed);
+    }
+}
+
 impl Lingering {
+    fn new(server_kib: Arc<AtomicI64>) -> Self {
+        Self {
+            replied: std::sync::Mutex::default(),
+            server_kib,
+        }
+    }
+
     fn replied(&self) -> std::sync::MutexGuard<'_, Replied> {
         self.replied
             .lock()
@@ -143,6 +160,8 @@ impl Lingering {
     /// held).
     fn push(&self, send: quinn::SendStream, held: Reservation, due: tokio::time::Instant) {
         let taken = {
+            self.server_kib
+                .fetch_add(i64::from(held.kib()), Ordering::Relaxed);
             let mut replied = self.replied();
             replied.kib += u64::from(held.kib());
             replied.streams.push(Reply { send, held, due });
@@ -209,6 +228,11 @@ impl Lingering {
         replied.kib += kept;
         replied.check_at = 2 * replied.streams.len();
         replied.check_at_kib = 2 * replied.kib;
+        drop(replied);
+        self.server_kib.fetch_sub(
+            i64::try_from(released).unwrap_or(i64::MAX),
+            Ordering::Relaxed,
+        );
         released
     }
 
@@ -216,6 +240,9 @@ impl Lingering {
     /// stopped by the client, or lost with the connection.
     async fn settle(&self) {
         let streams = Self::take(&mut self.replied());
+        let kib: u64 = streams.iter().map(|r| u64::from(r.held.kib())).sum();
+        self.server_kib
+            .fetch_sub(i64::try_from(kib).unwrap_or(i64::MAX), Ordering::Relaxed);
         let mut waiting: FuturesUnordered<_> = streams
             .into_iter()
             .map(|reply| {
@@ -278,7 +305,7 @@ pub(crate) async fn connection(
     let conn_state = Arc::new(Conn {
         client: shared.clients.join(&identity),
         identity,
-        lingering: Arc::default(),
+        lingering: Arc::new(Lingering::new(shared.clients.lingering_kib())),
     });
     conn_state.client.watch(&conn_state.lingering);
     tracing::info!(%remote, identity = %conn_state.identity, "connection established");
@@ -478,7 +505,8 @@ async fn call(
 /// Reserves `bytes` from the client's in-flight budget (so one client,
 /// however many connections it opens, cannot take it all), then from the
 /// server's; the shares travel with the call's bytes. When either is
-/// short, the client's acknowledged replies give theirs back first.
+/// short, acknowledged replies give theirs back first: the client's, and
+/// every client's when the server's budget is the short one.
 fn reserve(shared: &Shared, conn: &Conn, bytes: u64) -> Result<Reservation, Failure> {
     let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
     let exhausted = |whose: &str, budget: u32| {
@@ -534,15 +562,16 @@ fn reserve(shared: &Shared, conn: &Conn, bytes: u64) -> Result<Reservation, Fail
     // connection's next check: check the client's, on all its connections,
     // before refusing; and every client's when the server's budget is the
     // short one.
-    if conn.client.sweep() > 0
-        && let Ok(held) = take()
-    {
-        return Ok(held);
+    if conn.client.sweep() == 0 && conn.client.budget.free() < kib {
+        return Err(refused);
     }
-    if conn.client.budget.free() >= kib && shared.clients.sweep_all() > 0 {
-        return take();
+    if conn.client.budget.free() >= kib {
+        shared
+            .clients
+            .sweep_all(kib.saturating_sub(shared.budget.free()));
     }
-    Err(refused)
+    // Whatever the checks found (or another caller's freed meanwhile).
+    take()
 }
 
 /// The built-in echo: the request's buffers back, unchanged, with no GPU

@@ -100,14 +100,17 @@ pub struct ServerConfig {
     /// budget, however many connections it opens. The default holds the
     /// largest call (a full request and a full response).
     pub max_inflight_bytes_per_client: u64,
-    /// A request must arrive in full within this time of its stream
-    /// opening, plus its payload's length at `min_transfer_rate`; a reply
-    /// must be read within this time plus its length at that rate.
+    /// A request's header must arrive within this time of its stream
+    /// opening, and each byte of its payload by this time plus the time the
+    /// bytes before it take at `min_transfer_rate`; a reply must be read
+    /// within this time plus its length at that rate. Taken as at most a
+    /// year.
     pub request_timeout: Duration,
-    /// The slowest transfer a large payload is given time for, in bytes per
-    /// second (0: the request timeout alone bounds every transfer). A
-    /// stalled upload holds its share of the in-flight budget until its
-    /// deadline, so this also bounds how long a stalled client can pin it.
+    /// The slowest transfer a payload or reply is given time for, in bytes
+    /// per second (0: the request timeout alone bounds every transfer). An
+    /// upload that falls behind it is reset as soon as it does, so a
+    /// stalled client pins its share of the budgets for about the request
+    /// timeout.
     pub min_transfer_rate: u64,
     /// On shutdown, how long in-flight calls may take to finish.
     pub shutdown_grace: Duration,
@@ -258,7 +261,11 @@ impl Server {
             budget_kib,
             clients: Clients::new(client_budget_kib),
             client_budget_kib,
-            request_timeout: config.request_timeout,
+            // Deadlines are this much after an `Instant`: a year is
+            // "never" here and cannot overflow one.
+            request_timeout: config
+                .request_timeout
+                .min(Duration::from_secs(365 * 86_400)),
             min_transfer_rate: config.min_transfer_rate,
             policy: RwLock::new(Arc::new(config.policy.clone())),
             access_log: config.access_log,

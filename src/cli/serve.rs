@@ -106,10 +106,10 @@ pub struct ServeArgs {
     /// Calls (streams) one connection may have open at once [default: 1024].
     #[arg(long)]
     max_streams: Option<u32>,
-    /// A request must arrive (and its reply be read) within this many seconds, plus the payload's length at --min-transfer-rate-kib [default: 30].
+    /// A request's header must arrive within this many seconds of its stream opening, each payload byte by then plus the time the bytes before it take at --min-transfer-rate-kib, and a reply be read within this many seconds plus its length at that rate [default: 30].
     #[arg(long)]
     request_timeout_s: Option<u64>,
-    /// The slowest transfer a large request or reply is given time for, KiB/s (0: the request timeout alone bounds every transfer) [default: 4096].
+    /// The slowest transfer a request payload or reply is given time for, KiB/s; an upload that falls behind it is reset (0: the request timeout alone bounds every transfer) [default: 4096].
     #[arg(long)]
     min_transfer_rate_kib: Option<u64>,
     /// A connection silent this many seconds is closed [default: 30].

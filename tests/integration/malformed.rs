@@ -255,7 +255,9 @@ async fn a_request_that_stalls_half_way_is_reset_after_the_read_timeout() {
 
 /// A header larger than the readers' first allocation (4 KiB), sent in
 /// pieces, is read whole as its buffer grows: a long kernel name comes back
-/// as an unknown kernel, not as a malformed header.
+/// as an unknown kernel, not as a malformed header. (A regression test of
+/// the growing buffer; that less is allocated up front is the unit test
+/// in `transport/src/io.rs`.)
 #[tokio::test]
 async fn a_large_header_sent_in_pieces_is_read_whole() {
     let server = server().await;

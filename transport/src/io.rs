@@ -78,7 +78,8 @@ pub enum ReadFrameError {
 }
 
 /// Pieces of a payload shorter than this are copied by
-/// [`FrameReader::chunked`] rather than kept as they arrived.
+/// [`FrameReader::chunked`] (and [`FrameReader::chunked_paced`]) rather
+/// than kept as they arrived.
 ///
 /// A kept piece is a slice of the buffer quinn decrypted its datagram in,
 /// and keeps that whole buffer alive: the datagram, or with GRO the whole
@@ -249,9 +250,9 @@ impl<'a> FrameReader<'a> {
         Ok(())
     }
 
-    /// Reads and checks the frame's prefix, then its header archive (into
-    /// an aligned buffer of the length the prefix declared, which
-    /// [`Prefix::decode`] has checked against `limits`).
+    /// Reads and checks the frame's prefix, then its header archive (of the
+    /// length the prefix declared, which [`Prefix::decode`] has checked
+    /// against `limits`) into an aligned buffer grown as its bytes arrive.
     ///
     /// # Errors
     /// [`ReadFrameError`] on a stream failure, a short stream or a bad
@@ -345,6 +346,9 @@ impl<'a> FrameReader<'a> {
                 }
                 None => break,
             }
+        }
+        if out.read == out.len {
+            return Ok(out.finish());
         }
         // Then one timer for the rest, moved on only when it fires: a part
         // that keeps its pace costs no timer per piece.
@@ -479,11 +483,16 @@ impl Pace {
         if self.rate == 0 {
             return self.start;
         }
-        // At most a day later: far enough to mean "never" here, and
-        // never past what an `Instant` can hold.
-        const DAY_NANOS: u128 = 86_400 * 1_000_000_000;
-        let nanos = ((read as u128) * 1_000_000_000 / u128::from(self.rate)).min(DAY_NANOS);
-        self.start + std::time::Duration::from_nanos(nanos as u64)
+        let nanos = (read as u128) * 1_000_000_000 / u128::from(self.rate);
+        let later = std::time::Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX));
+        // Past what an `Instant` holds is as good as never: a year on.
+        self.start
+            .checked_add(later)
+            .or_else(|| {
+                self.start
+                    .checked_add(std::time::Duration::from_secs(365 * 86_400))
+            })
+            .unwrap_or(self.start)
     }
 }
 
@@ -555,10 +564,12 @@ mod tests {
             "rate 0: every byte by the start"
         );
         assert_eq!(
-            pace.due(usize::MAX),
-            start + Duration::from_secs(86_400),
-            "capped at a day, never overflowing"
+            pace.due(1 << 40),
+            start + Duration::from_millis(1 << 40),
+            "in proportion however far"
         );
+        let slow = super::Pace { start, rate: 1 };
+        assert!(slow.due(usize::MAX) > start, "never overflowing");
     }
 
     use super::*;
