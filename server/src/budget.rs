@@ -11,6 +11,12 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+/// The KiB of a budget that `bytes` take: rounded up, at least one (a call
+/// with no payload still holds its stream).
+pub fn kib_for(bytes: u64) -> u32 {
+    u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX)
+}
+
 /// A number of KiB that calls may hold at once.
 #[derive(Debug)]
 pub struct Budget {

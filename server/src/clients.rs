@@ -108,6 +108,11 @@ impl Clients {
         }
     }
 
+    /// Each client's budget, in KiB.
+    pub(crate) fn budget_kib(&self) -> u32 {
+        self.budget_kib
+    }
+
     /// The count of KiB held by lingering replies that each connection's
     /// list keeps up to date.
     pub(crate) fn lingering_kib(&self) -> Arc<AtomicI64> {

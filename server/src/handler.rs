@@ -55,6 +55,7 @@ use tokio_util::task::TaskTracker;
 use crate::Shared;
 use crate::access::Identity;
 use crate::admission::{Admission, Slot};
+use crate::budget::kib_for;
 use crate::clients::Client;
 use crate::gpu::executor::{Job, Reservation};
 use crate::kernel::plan::{plan, plan_echo, shown};
@@ -135,8 +136,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 impl Drop for Lingering {
     fn drop(&mut self) {
         let kib = self.replied().kib;
-        self.server_kib
-            .fetch_sub(i64::try_from(kib).unwrap_or(i64::MAX), Ordering::Relaxed);
+        self.uncount(kib);
     }
 }
 
@@ -146,6 +146,12 @@ impl Lingering {
             replied: std::sync::Mutex::default(),
             server_kib,
         }
+    }
+
+    /// Takes `kib`, no longer listed, off the server-wide count.
+    fn uncount(&self, kib: u64) {
+        self.server_kib
+            .fetch_sub(i64::try_from(kib).unwrap_or(i64::MAX), Ordering::Relaxed);
     }
 
     fn replied(&self) -> std::sync::MutexGuard<'_, Replied> {
@@ -229,10 +235,7 @@ impl Lingering {
         replied.check_at = 2 * replied.streams.len();
         replied.check_at_kib = 2 * replied.kib;
         drop(replied);
-        self.server_kib.fetch_sub(
-            i64::try_from(released).unwrap_or(i64::MAX),
-            Ordering::Relaxed,
-        );
+        self.uncount(released);
         released
     }
 
@@ -240,9 +243,7 @@ impl Lingering {
     /// stopped by the client, or lost with the connection.
     async fn settle(&self) {
         let streams = Self::take(&mut self.replied());
-        let kib: u64 = streams.iter().map(|r| u64::from(r.held.kib())).sum();
-        self.server_kib
-            .fetch_sub(i64::try_from(kib).unwrap_or(i64::MAX), Ordering::Relaxed);
+        self.uncount(streams.iter().map(|r| u64::from(r.held.kib())).sum());
         let mut waiting: FuturesUnordered<_> = streams
             .into_iter()
             .map(|reply| {
@@ -418,7 +419,7 @@ async fn call(
         }
     };
     let total_us = || micros(header_read.unwrap_or(opened).elapsed());
-    let (header, body, held) = match outcome {
+    let (header, body, mut held) = match outcome {
         Ok(Success {
             mut header,
             body,
@@ -470,11 +471,15 @@ async fn call(
     };
     // A client that stops reading would otherwise hold this call's memory
     // (and its share of the in-flight budget) for as long as it likes.
-    let body_len: usize = body.iter().map(Bytes::len).sum();
-    let reply_len = (head.len() + body_len) as u64;
+    let reply_len = head.len() + body.iter().map(Bytes::len).sum::<usize>();
     let started_writing = tokio::time::Instant::now();
-    let write_deadline =
-        started_writing + shared.request_timeout + transfer_time(shared, reply_len);
+    // The request's pace, for the reply: its length at the minimum rate on
+    // top of the request timeout.
+    let write_deadline = Pace {
+        start: started_writing + shared.request_timeout,
+        rate: shared.min_transfer_rate,
+    }
+    .due(reply_len);
     let write = write_frame_chunks(&mut send, head, &body);
     match by(write_deadline, write).await {
         Ok(Ok(())) => {
@@ -488,8 +493,7 @@ async fn call(
             // them: their share of the budgets stays with the stream until
             // then, and the reply is given as long again to be acknowledged
             // as it was to be read.
-            let mut held = held;
-            held.shrink_to(reply_len);
+            held.shrink_to(reply_len as u64);
             drop(body);
             let due = tokio::time::Instant::now() + (write_deadline - started_writing);
             conn.lingering.push(send, held, due);
@@ -508,7 +512,7 @@ async fn call(
 /// short, acknowledged replies give theirs back first: the client's, and
 /// every client's when the server's budget is the short one.
 fn reserve(shared: &Shared, conn: &Conn, bytes: u64) -> Result<Reservation, Failure> {
-    let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+    let kib = kib_for(bytes);
     let exhausted = |whose: &str, budget: u32| {
         Failure::status(
             StatusCode::ResourceExhausted,
@@ -523,7 +527,7 @@ fn reserve(shared: &Shared, conn: &Conn, bytes: u64) -> Result<Reservation, Fail
     for (whose, total, flag) in [
         (
             "this client's",
-            shared.client_budget_kib,
+            shared.clients.budget_kib(),
             "--max-inflight-per-client-mib",
         ),
         ("the server's", shared.budget_kib, "--max-inflight-mib"),
@@ -543,7 +547,7 @@ fn reserve(shared: &Shared, conn: &Conn, bytes: u64) -> Result<Reservation, Fail
             .client
             .budget
             .try_take(kib)
-            .ok_or_else(|| exhausted("this client's", shared.client_budget_kib))?;
+            .ok_or_else(|| exhausted("this client's", shared.clients.budget_kib()))?;
         let server_share = shared
             .budget
             .try_take(kib)
@@ -554,17 +558,14 @@ fn reserve(shared: &Shared, conn: &Conn, bytes: u64) -> Result<Reservation, Fail
             server_share,
         ))
     };
-    let refused = match take() {
-        Ok(held) => return Ok(held),
-        Err(refused) => refused,
-    };
+    if let Ok(held) = take() {
+        return Ok(held);
+    }
     // Acknowledged replies may still hold shares, waiting for their
     // connection's next check: check the client's, on all its connections,
     // before refusing; and every client's when the server's budget is the
     // short one.
-    if conn.client.sweep() == 0 && conn.client.budget.free() < kib {
-        return Err(refused);
-    }
+    conn.client.sweep();
     if conn.client.budget.free() >= kib {
         shared
             .clients
@@ -615,16 +616,6 @@ async fn read_payload(
         .map_err(read_failure)?;
     reader.end_if_arrived().map_err(read_failure)?;
     Ok(payload)
-}
-
-/// The time a transfer of `bytes` is given on top of the request timeout:
-/// its length at the server's minimum transfer rate.
-fn transfer_time(shared: &Shared, bytes: u64) -> Duration {
-    if shared.min_transfer_rate == 0 {
-        return Duration::ZERO;
-    }
-    let nanos = u128::from(bytes) * 1_000_000_000 / u128::from(shared.min_transfer_rate);
-    Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
 }
 
 /// `fut` by `deadline`, arming a timer only if it is not ready at once: a

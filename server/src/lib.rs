@@ -179,8 +179,6 @@ pub(crate) struct Shared {
     pub(crate) budget_kib: u32,
     /// The clients connected now, each with its own budget.
     pub(crate) clients: Clients,
-    /// Each client's own budget, in KiB.
-    pub(crate) client_budget_kib: u32,
     pub(crate) request_timeout: Duration,
     pub(crate) min_transfer_rate: u64,
     policy: RwLock<Arc<Policy>>,
@@ -252,15 +250,13 @@ impl Server {
         )
         .map_err(bind_error)?;
         let budget_kib = kib_of(config.max_inflight_bytes);
-        let client_budget_kib = kib_of(config.max_inflight_bytes_per_client);
         let shared = Arc::new(Shared {
             kernels: executor.kernels().clone(),
             limits: config.limits.clone(),
             queue: executor.queue(),
             budget: Budget::new(budget_kib),
             budget_kib,
-            clients: Clients::new(client_budget_kib),
-            client_budget_kib,
+            clients: Clients::new(kib_of(config.max_inflight_bytes_per_client)),
             // Deadlines are this much after an `Instant`: a year is
             // "never" here and cannot overflow one.
             request_timeout: config

@@ -8,19 +8,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use quasar::embedded::{EmbeddedServer, SERVER_NAME};
-use quasar_client::{Call, Client, ClientConfig, ECHO_KERNEL, StatusCode};
-use quasar_transport::{BufferDesc, ElemType, RequestHeader};
+use quasar::embedded::SERVER_NAME;
+use quasar_client::{Call, Client, ECHO_KERNEL, StatusCode};
 
 use crate::malformed::frame;
-use crate::support::{calibrate, config, eventually, raw_endpoint, spin, spin_server_with};
-
-/// A client configuration with a fresh certificate naming `name`.
-fn identity(server: &EmbeddedServer, name: &str) -> ClientConfig {
-    server
-        .client_config(name)
-        .unwrap_or_else(|e| panic!("issue {name}: {e}"))
-}
+use crate::replies::echo_header;
+use crate::support::{
+    calibrate, client_named, config, eventually, raw_endpoint, spin, spin_server_with,
+};
 
 fn median(mut v: Vec<u64>) -> u64 {
     v.sort_unstable();
@@ -36,12 +31,8 @@ async fn a_flooding_client_does_not_starve_a_polite_one() {
         c.gpu.max_batch = 2;
     })
     .await;
-    let flooder = Client::connect(identity(&server, "flooder"))
-        .await
-        .expect("flooder");
-    let polite = Client::connect(identity(&server, "polite"))
-        .await
-        .expect("polite");
+    let flooder = client_named(&server, "flooder").await;
+    let polite = client_named(&server, "polite").await;
     let (iters, _) = calibrate(&polite).await;
     // A call of about a sixteenth of the calibrated 250 ms.
     let iters = (iters / 16).max(1);
@@ -143,17 +134,7 @@ async fn more_connections_get_a_client_no_more_of_the_byte_budget() {
         .await
         .expect("handshake");
     let (mut send, _recv) = stalled.open_bi().await.expect("open");
-    let request = frame(&RequestHeader {
-        kernel: ECHO_KERNEL.into(),
-        args: Vec::new(),
-        buffers: vec![BufferDesc {
-            name: "x".into(),
-            elem: ElemType::U32,
-            len: 2 * MIB / 4,
-        }],
-        timeout_us: None,
-        workgroups: None,
-    });
+    let request = frame(&echo_header(2 * MIB as usize));
     let head = request.len() - 2 * MIB as usize;
     send.write_all(&request[..head]).await.expect("header");
 
@@ -163,7 +144,7 @@ async fn more_connections_get_a_client_no_more_of_the_byte_budget() {
     })
     .await;
     // Another connection of a's is refused: a's budget has 1 MiB left.
-    let a = Client::connect(identity(&server, "a")).await.expect("a");
+    let a = client_named(&server, "a").await;
     let e = a
         .execute(echo())
         .await
@@ -171,7 +152,7 @@ async fn more_connections_get_a_client_no_more_of_the_byte_budget() {
     assert_eq!(e.code(), StatusCode::ResourceExhausted, "{e}");
     assert!(e.to_string().contains("this client's"), "{e}");
     // Another client has its own budget.
-    let b = Client::connect(identity(&server, "b")).await.expect("b");
+    let b = client_named(&server, "b").await;
     let r = b.execute(echo()).await.expect("b's echo");
     assert_eq!(
         r.output::<u32>("x").expect("x").len(),
@@ -200,11 +181,9 @@ async fn more_connections_get_a_client_no_more_of_the_gpu_queue() {
         c.gpu.max_batch = 1;
     })
     .await;
-    let first = Client::connect(identity(&server, "q")).await.expect("q");
-    let second = Client::connect(identity(&server, "q"))
-        .await
-        .expect("q again");
-    let other = Client::connect(identity(&server, "r")).await.expect("r");
+    let first = client_named(&server, "q").await;
+    let second = client_named(&server, "q").await;
+    let other = client_named(&server, "r").await;
     let (iters, _) = calibrate(&other).await;
     // Calls of about a quarter of the calibrated 250 ms.
     let iters = (iters / 4).max(1);

@@ -15,7 +15,7 @@ use crate::support::{client, eventually, raw_endpoint, read_reply, server_with};
 const MIB: usize = 1024 * 1024;
 
 /// A raw echo request's header, for `bytes` of payload.
-fn echo_header(bytes: usize) -> RequestHeader {
+pub(crate) fn echo_header(bytes: usize) -> RequestHeader {
     RequestHeader {
         kernel: ECHO_KERNEL.into(),
         args: Vec::new(),

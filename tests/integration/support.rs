@@ -27,9 +27,7 @@ pub async fn server_with(configure: impl FnOnce(&mut ServerConfig)) -> EmbeddedS
 
 /// A connected SDK client with a fresh certificate.
 pub async fn client(server: &EmbeddedServer) -> Client {
-    Client::connect(config(server))
-        .await
-        .unwrap_or_else(|e| panic!("connect: {e}"))
+    client_named(server, "tester").await
 }
 
 /// A connected SDK client with a fresh certificate naming `name`: a

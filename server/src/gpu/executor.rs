@@ -250,7 +250,7 @@ impl Reservation {
 
     /// Gives back all but what `bytes` need, of both budgets.
     pub(crate) fn shrink_to(&mut self, bytes: u64) {
-        let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+        let kib = crate::budget::kib_for(bytes);
         for share in [&mut self.client, &mut self.server].into_iter().flatten() {
             share.shrink_to(kib);
         }
