@@ -52,7 +52,7 @@ pub use gpu::executor::{
     DEFAULT_IDLE_SPIN, ExecutorControl, ExecutorStats, GpuConfig, MAX_IDLE_SPIN, Registry,
     Timestamping,
 };
-pub use gpu::{AdapterReport, AdapterSummary, GpuError, list_adapters};
+pub use gpu::{AdapterReport, AdapterSummary, GpuError, LavapipeThreads, list_adapters};
 pub use kernel::KernelInterface;
 
 use admission::{Admission, Decision};

@@ -23,6 +23,9 @@ pub async fn run(args: InfoArgs) -> Result<()> {
         println!("    backend:     {}", s.backend);
         println!("    device type: {}", s.device_type);
         println!("    driver:      {}", s.driver);
+        if let Some(threads) = s.lavapipe_threads {
+            println!("    {threads}");
+        }
         let l = &a.limits;
         if args.all_limits {
             println!("    limits:      {l:#?}");

@@ -73,6 +73,43 @@ fn spawn_serve(args: &[&str]) -> (KillOnDrop, String, String, Drain) {
     (server, addr, log, drain)
 }
 
+/// `quasar serve` on 127.0.0.1 with the server certificate, key and client
+/// CA that `quasar certs init` wrote to PKI, and ARGS.
+fn serve_with_pki(pki: &Path, args: &[&str]) -> (KillOnDrop, String, String, Drain) {
+    let [cert, key, ca] = ["server.pem", "server.key", "ca.pem"]
+        .map(|f| pki.join(f).to_str().expect("utf-8 path").to_owned());
+    let mut all = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--cert",
+        &cert,
+        "--key",
+        &key,
+        "--client-ca",
+        &ca,
+    ];
+    all.extend_from_slice(args);
+    spawn_serve(&all)
+}
+
+/// `quasar certs init` into PKI: a server certificate for 127.0.0.1 and
+/// these clients.
+fn certs_init(pki: &Path, clients: &[&str]) {
+    let mut args = vec![
+        "certs",
+        "init",
+        "--out",
+        pki.to_str().expect("utf-8 path"),
+        "--server-ip",
+        "127.0.0.1",
+    ];
+    for c in clients {
+        args.extend(["--client", c]);
+    }
+    let out = quasar(&args);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
 fn f32_file(path: &Path, values: &[f32]) {
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     std::fs::write(path, bytes).expect("write");
@@ -114,16 +151,7 @@ fn certs_serve_call_and_stop_from_the_command_line() {
     let bob = quasar(&["certs", "client", "--pki", pki_s, "--name", "bob"]);
     assert!(bob.status.success(), "{}", text(&bob));
 
-    let (mut server, addr, log, drain) = spawn_serve(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--cert",
-        pki.join("server.pem").to_str().expect("path"),
-        "--key",
-        pki.join("server.key").to_str().expect("path"),
-        "--client-ca",
-        pki.join("ca.pem").to_str().expect("path"),
-    ]);
+    let (mut server, addr, log, drain) = serve_with_pki(&pki, &[]);
     assert!(log.contains("kernel loaded"), "{log}");
 
     let y = dir.path().join("y.f32");
@@ -199,6 +227,40 @@ fn info_lists_an_adapter() {
     assert!(text(&out).contains("backend:"), "{}", text(&out));
 }
 
+/// `--lavapipe-threads` reaches Mesa, which reads `LP_NUM_THREADS` once,
+/// when wgpu enumerates adapters: the server names the setting, and on
+/// lavapipe it starts as many threads of its own (named `llvmpipe-N`; its
+/// compute pool takes the same count) as asked.
+#[test]
+fn lavapipe_threads_reach_mesa() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = dir.path().join("pki");
+    certs_init(&pki, &[]);
+    for (threads, said) in [
+        ("0", "compute threads: 0, on the queue thread"),
+        ("2", "compute threads: 2 (LP_NUM_THREADS)"),
+    ] {
+        let (server, _addr, log, _drain) = serve_with_pki(&pki, &["--lavapipe-threads", threads]);
+        if !log.contains("driver llvmpipe") {
+            // A GPU: the flag changes nothing and the server says nothing of it.
+            assert!(!log.contains("compute threads"), "{log}");
+            return;
+        }
+        assert!(log.contains(said), "{log}");
+        #[cfg(target_os = "linux")]
+        {
+            let tasks = format!("/proc/{}/task", server.0.id());
+            let named = std::fs::read_dir(&tasks)
+                .expect("the server's threads")
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .filter(|comm| comm.starts_with("llvmpipe-"))
+                .count();
+            assert_eq!(named.to_string(), threads, "{log}");
+        }
+        drop(server);
+    }
+}
+
 #[test]
 fn demo_checks_every_kernel() {
     let out = quasar(&["demo", "--calls", "3", "--warmup", "1"]);
@@ -214,19 +276,7 @@ fn demo_checks_every_kernel() {
 fn serve_reads_a_config_file_with_an_access_policy() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = dir.path().join("pki");
-    let out = quasar(&[
-        "certs",
-        "init",
-        "--out",
-        pki.to_str().expect("path"),
-        "--server-ip",
-        "127.0.0.1",
-        "--client",
-        "alice",
-        "--client",
-        "bob",
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
+    certs_init(&pki, &["alice", "bob"]);
     let config = dir.path().join("quasar.toml");
     // Paths relative to the file; a flag would win over any key.
     std::fs::write(

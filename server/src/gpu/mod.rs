@@ -36,6 +36,57 @@ pub struct AdapterSummary {
     pub driver: String,
     /// True for a software rasterizer such as lavapipe.
     pub is_cpu: bool,
+    /// On lavapipe, the threads it runs compute shaders on; `None` on
+    /// any other adapter.
+    pub lavapipe_threads: Option<LavapipeThreads>,
+}
+
+/// How many threads lavapipe (Mesa's llvmpipe under Vulkan) runs compute
+/// dispatches on: Mesa reads `LP_NUM_THREADS` once, when the adapter is
+/// enumerated, and starts that many pool threads.
+///
+/// The choice is a trade the server cannot make per call: each dispatch
+/// on the pool is handed to its threads and waited for (a wake-up and a
+/// sleep on each side), which on a 2-vCPU VM costs more than a small
+/// kernel's own work, while 0 threads runs every dispatch on lavapipe's
+/// queue thread and so a large kernel on one CPU (BENCHMARKS.md,
+/// "lavapipe's compute threads"). `quasar --lavapipe-threads N` sets it;
+/// a program embedding the server sets `LP_NUM_THREADS` in the
+/// environment it starts with (changing a running process's environment
+/// races with C code reading it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LavapipeThreads {
+    /// `LP_NUM_THREADS` unset: Mesa's default, one per CPU (none on a
+    /// single CPU).
+    MesaDefault,
+    /// `LP_NUM_THREADS` set to this (Mesa caps it at its own maximum).
+    Set(u32),
+}
+
+impl LavapipeThreads {
+    /// What this process's environment asks of lavapipe. Mesa reads the
+    /// same variable, so this is what an adapter enumerated now uses.
+    pub fn from_env() -> Self {
+        match std::env::var("LP_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+        {
+            Some(n) => Self::Set(n),
+            None => Self::MesaDefault,
+        }
+    }
+}
+
+impl fmt::Display for LavapipeThreads {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::MesaDefault => f.write_str("compute threads: one per CPU (Mesa's default)"),
+            Self::Set(0) => {
+                f.write_str("compute threads: 0, on the queue thread (LP_NUM_THREADS=0)")
+            }
+            Self::Set(n) => write!(f, "compute threads: {n} (LP_NUM_THREADS)"),
+        }
+    }
 }
 
 impl AdapterSummary {
@@ -51,6 +102,7 @@ impl AdapterSummary {
             device_type: format!("{:?}", info.device_type),
             driver,
             is_cpu: info.device_type == wgpu::DeviceType::Cpu,
+            lavapipe_threads: (info.driver == "llvmpipe").then(LavapipeThreads::from_env),
         }
     }
 }
@@ -59,9 +111,13 @@ impl fmt::Display for AdapterSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} ({}, {}, driver {})",
+            "{} ({}, {}, driver {}",
             self.name, self.backend, self.device_type, self.driver
-        )
+        )?;
+        if let Some(threads) = self.lavapipe_threads {
+            write!(f, "; {threads}")?;
+        }
+        f.write_str(")")
     }
 }
 
