@@ -54,12 +54,9 @@ impl Identity {
 
     /// The identity of a connection's peer (its first certificate).
     pub fn of_connection(conn: &quinn::Connection) -> Self {
-        conn.peer_identity()
-            .and_then(|any| {
-                any.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
-                    .ok()
-            })
-            .and_then(|chain| chain.first().map(|c| Self::from_cert(c)))
+        peer_chain(conn)
+            .first()
+            .map(|c| Self::from_cert(c))
             .unwrap_or_default()
     }
 
@@ -173,6 +170,20 @@ impl Policy {
         }
         !matched && self.default == DefaultAccess::Allow
     }
+}
+
+/// The certificates a connection's peer presented, its own first; none
+/// before the handshake is done.
+pub(crate) fn peer_chain(
+    conn: &quinn::Connection,
+) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+    conn.peer_identity()
+        .and_then(|any| {
+            any.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .map(|chain| *chain)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

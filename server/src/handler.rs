@@ -43,6 +43,7 @@ use std::time::{Duration, Instant};
 
 use quasar_transport::frame::FrameKind;
 use quasar_transport::io::{ChunkedPayload, FrameReader, Pace, write_frame_chunks};
+use quasar_transport::tls;
 use quasar_transport::wire::{ArchivedRequestHeader, access_request, encode_response_frame};
 use quasar_transport::{
     BufferDesc, CloseCode, ECHO_KERNEL, FrameError, ReadFrameError, ResponseHeader, StatusCode,
@@ -53,7 +54,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::Shared;
-use crate::access::Identity;
+use crate::access::{Identity, peer_chain};
 use crate::admission::{Admission, Slot};
 use crate::budget::kib_for;
 use crate::clients::Client;
@@ -271,6 +272,10 @@ pub(crate) async fn connection(
 ) {
     let remote = incoming.remote_address();
     let stats = admission.stats();
+    // Subscribed before the handshake: a reload from here on is seen by
+    // the loop below (one before it changed the endpoint's configuration
+    // first, so the handshake ran under it).
+    let mut client_check = shared.client_check.subscribe();
     let handshake = async {
         match incoming.accept() {
             Ok(connecting) => connecting.await,
@@ -315,6 +320,7 @@ pub(crate) async fn connection(
     let calls = TaskTracker::new();
     let cancelled = cancel.cancelled();
     tokio::pin!(cancelled);
+    let mut watching = true;
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -336,6 +342,27 @@ pub(crate) async fn connection(
             },
             _ = sweep.tick() => {
                 conn_state.lingering.sweep();
+            }
+            changed = client_check.changed(), if watching => {
+                if changed.is_err() {
+                    // Only once the server's state is dropped, which this
+                    // task's handle on it prevents; stop watching rather
+                    // than wake on it again.
+                    watching = false;
+                    continue;
+                }
+                let verifier = client_check.borrow_and_update().clone();
+                if let Err(e) = tls::verify_peer(verifier.as_ref(), &peer_chain(&conn)) {
+                    tracing::warn!(
+                        %remote,
+                        identity = %conn_state.identity,
+                        reason = %e,
+                        "client certificate no longer accepted after a reload; connection closed"
+                    );
+                    let reason = format!("client certificate no longer accepted: {e}");
+                    conn.close(CloseCode::CertificateRefused.varint(), reason.as_bytes());
+                    break;
+                }
             }
             () = &mut cancelled => break,
         }

@@ -42,7 +42,9 @@ use clients::Clients;
 use quasar_transport::socket::{self, SocketBuffers};
 use quasar_transport::tls::{self, QuicTuning, TlsError};
 use quasar_transport::{CloseCode, Limits};
+use rustls::server::danger::ClientCertVerifier;
 use thiserror::Error;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -183,6 +185,10 @@ pub(crate) struct Shared {
     pub(crate) min_transfer_rate: u64,
     policy: RwLock<Arc<Policy>>,
     pub(crate) access_log: bool,
+    /// The client certificate verifier of the configuration in force:
+    /// each connection checks its certificate again when a reload
+    /// replaces it, so a revocation reaches sessions already open.
+    pub(crate) client_check: watch::Sender<Arc<dyn ClientCertVerifier>>,
 }
 
 impl Shared {
@@ -226,7 +232,8 @@ impl Server {
     /// that does not load, or an address that cannot be bound.
     pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
         config.policy.validate().map_err(ServerError::Policy)?;
-        let mut server_config = tls::server_config(server_crypto(&config.tls)?, &config.quic)?;
+        let (crypto, client_check) = server_crypto(&config.tls)?;
+        let mut server_config = tls::server_config(crypto, &config.quic)?;
         // Attempts waiting for the accept loop: it decides on each at once,
         // so this only needs to absorb a burst.
         server_config.max_incoming(config.admission.max_handshakes.saturating_mul(4).max(64));
@@ -265,6 +272,7 @@ impl Server {
             min_transfer_rate: config.min_transfer_rate,
             policy: RwLock::new(Arc::new(config.policy.clone())),
             access_log: config.access_log,
+            client_check: watch::Sender::new(client_check),
         });
         Ok(Self {
             endpoint,
@@ -413,8 +421,11 @@ impl Server {
     }
 }
 
-/// The rustls server configuration for this TLS material.
-fn server_crypto(pem: &TlsPem) -> Result<rustls::ServerConfig, ServerError> {
+/// The rustls server configuration for this TLS material, and the client
+/// certificate verifier inside it.
+fn server_crypto(
+    pem: &TlsPem,
+) -> Result<(rustls::ServerConfig, Arc<dyn ClientCertVerifier>), ServerError> {
     let chain = tls::certs_from_pem(&pem.cert_chain, "server certificate")?;
     let key = tls::key_from_pem(&pem.key)?;
     let roots = tls::roots_from_pem(&pem.client_ca)?;
@@ -428,7 +439,11 @@ fn server_crypto(pem: &TlsPem) -> Result<rustls::ServerConfig, ServerError> {
         }
         crls.extend(found);
     }
-    Ok(tls::server_crypto(chain, key, roots, crls)?)
+    let verifier = tls::client_verifier(roots, crls)?;
+    Ok((
+        tls::server_crypto_with(chain, key, verifier.clone())?,
+        verifier,
+    ))
 }
 
 /// What a reload replaces: everything else needs a restart.
@@ -444,9 +459,12 @@ pub struct ReloadConfig {
 
 /// Swaps certificates, CA, CRLs, policy and kernels on a running server
 /// without dropping connections: established connections keep their
-/// session (and the identity they proved), new handshakes see the new
-/// certificates and CRLs, every call from then on is checked against the
-/// new policy and kernels.
+/// session (and the identity they proved) while their certificate passes
+/// the new client CA and CRLs, new handshakes see the new certificates
+/// and CRLs, every call from then on is checked against the new policy
+/// and kernels. A connection whose certificate the new configuration
+/// refuses (revoked, issued by a CA no longer trusted, expired since its
+/// handshake) is closed with [`CloseCode::CertificateRefused`].
 #[derive(Debug, Clone)]
 pub struct Reloader {
     endpoint: quinn::Endpoint,
@@ -473,7 +491,8 @@ impl Reloader {
         // admission buffers and the Retry token key (tokens issued just
         // before stay valid) carry over.
         let mut server_config = self.base.clone();
-        server_config.crypto = tls::quic_crypto(server_crypto(&config.tls)?)?;
+        let (crypto, client_check) = server_crypto(&config.tls)?;
+        server_config.crypto = tls::quic_crypto(crypto)?;
         // The kernel swap is the last step that can fail, and it is all or
         // nothing inside the executor.
         let kernels = self.control.reload(config.kernel_dir).await?;
@@ -489,7 +508,10 @@ impl Reloader {
             .policy
             .write()
             .unwrap_or_else(PoisonError::into_inner) = Arc::new(config.policy);
+        // The endpoint first: a connection that subscribed to the verifier
+        // after it changed had its handshake with the new configuration.
         self.endpoint.set_server_config(Some(server_config));
+        self.shared.client_check.send_replace(client_check);
         tracing::info!(kernels = kernels.len(), "configuration reloaded");
         Ok(kernels)
     }

@@ -1,16 +1,19 @@
 //! Hot reload: certificates, CRLs, policy and kernels are swapped on a
-//! running server under load; existing connections keep working, new
-//! handshakes see the new certificate and CRL, and a broken file is
-//! rejected while the running configuration keeps serving.
+//! running server under load; existing connections keep working unless
+//! the new CRL revokes their certificate, new handshakes see the new
+//! certificate and CRL, and a broken file is rejected while the running
+//! configuration keeps serving.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use quasar_certs::{PkiDir, Validity};
 use quasar_client::{Call, Client, ClientConfig, StatusCode};
 use quasar_server::{Policy, ReloadConfig, TlsPem};
+use quasar_transport::CloseCode;
 use quasar_transport::tls::{self, QuicTuning};
 use rustls_pki_types::CertificateDer;
 
@@ -38,12 +41,13 @@ fn mul() -> Call {
     Call::new("mul").input("a", &[3.0f32]).input("b", &[2.0f32])
 }
 
-/// The certificate a fresh handshake with `name`'s certificate is shown.
-async fn server_certificate(
+/// A connection with `name`'s certificate that the server has accepted
+/// (the server's verdict on the client's certificate is in).
+async fn connect_raw(
     addr: std::net::SocketAddr,
     pki: &PkiDir,
     name: &str,
-) -> Result<CertificateDer<'static>, String> {
+) -> Result<quinn::Connection, String> {
     let quic = tls::client_config(
         tls::roots_from_pem(&read(pki.ca_cert())).expect("roots"),
         tls::certs_from_pem(&read(pki.client_cert(name)), "cert").expect("cert"),
@@ -70,6 +74,16 @@ async fn server_certificate(
     {
         return Err(reason.to_string());
     }
+    Ok(conn)
+}
+
+/// The certificate a fresh handshake with `name`'s certificate is shown.
+async fn server_certificate(
+    addr: std::net::SocketAddr,
+    pki: &PkiDir,
+    name: &str,
+) -> Result<CertificateDer<'static>, String> {
+    let conn = connect_raw(addr, pki, name).await?;
     let chain = conn
         .peer_identity()
         .expect("peer identity")
@@ -122,6 +136,9 @@ async fn certificates_policy_crl_and_kernels_reload_under_load() {
         .execute(add())
         .await
         .expect("carol is served at first");
+    let carol_raw = connect_raw(server.addr(), &pki, "carol")
+        .await
+        .expect("carol's second connection");
 
     // Load on an existing connection for the whole test.
     let stop = Arc::new(AtomicBool::new(false));
@@ -186,11 +203,36 @@ async fn certificates_policy_crl_and_kernels_reload_under_load() {
         .await
         .expect("the new kernel on an existing connection");
     assert_eq!(r.output::<i32>("out").expect("out"), &[-1, 2, -3]);
-    // carol's session predates the CRL: it keeps working (documented).
-    carol
-        .execute(add())
+    // carol's sessions predate the CRL, which closes them.
+    let closed = tokio::time::timeout(Duration::from_secs(10), carol_raw.closed())
         .await
-        .expect("carol's existing session");
+        .expect("carol's connection is closed after the reload");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(
+                close.error_code,
+                CloseCode::CertificateRefused.varint(),
+                "{close}"
+            );
+            let reason = String::from_utf8_lossy(&close.reason);
+            assert!(reason.contains("Revoked"), "{reason}");
+        }
+        other => panic!("carol's connection ended otherwise: {other}"),
+    }
+    // The SDK's connection went the same way, and reconnecting is refused.
+    let started = std::time::Instant::now();
+    let e = loop {
+        match carol.execute(add()).await {
+            Ok(_) if started.elapsed() < Duration::from_secs(10) => {}
+            Ok(_) => panic!("carol is still served 10 s after her revocation"),
+            Err(e) => break e,
+        }
+    };
+    assert!(e.is_transport(), "{e}");
+    assert!(
+        e.to_string().contains("Revoked") || e.to_string().contains("no longer accepted"),
+        "{e}"
+    );
 
     // New handshakes see the new certificate and the CRL.
     let new_der = tls::certs_from_pem(new_server.cert_pem.as_bytes(), "new")

@@ -112,6 +112,10 @@ pub enum CloseCode {
     /// The client's certificate passed verification but names no identity
     /// the server could read (no parsable SAN or common name).
     Unidentified = 0x2,
+    /// The client's certificate was accepted at the handshake but no longer
+    /// is: a reload of the server's client CA or CRLs revoked it or left
+    /// its issuer out, or it has expired since. The reason says which.
+    CertificateRefused = 0x3,
 }
 
 impl CloseCode {

@@ -250,13 +250,36 @@ pub fn server_crypto(
     client_ca: RootCertStore,
     crls: Vec<CertificateRevocationListDer<'static>>,
 ) -> Result<rustls::ServerConfig, TlsError> {
-    let provider = provider();
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(client_ca), provider.clone())
-            .with_crls(crls)
-            .build()?;
-    let verifier = Arc::new(Discreet(verifier));
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+    server_crypto_with(chain, key, client_verifier(client_ca, crls)?)
+}
+
+/// Client certificates accepted if issued by `client_ca` and not revoked
+/// by one of `crls`: the verifier [`server_crypto`] builds, for a server
+/// that also checks its established connections again with it
+/// ([`verify_peer`]). Its refusals say why without the server's clock.
+///
+/// # Errors
+/// [`TlsError`] if the CA is empty or a CRL is malformed.
+pub fn client_verifier(
+    client_ca: RootCertStore,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(client_ca), provider())
+        .with_crls(crls)
+        .build()?;
+    Ok(Arc::new(Discreet(verifier)))
+}
+
+/// [`server_crypto`] with a verifier from [`client_verifier`].
+///
+/// # Errors
+/// [`TlsError`] if the key does not match the certificate.
+pub fn server_crypto_with(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    verifier: Arc<dyn ClientCertVerifier>,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
@@ -331,6 +354,25 @@ impl ClientCertVerifier for Discreet {
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.supported_verify_schemes()
     }
+}
+
+/// Checks a connected peer's certificate chain (its own first, as quinn's
+/// `peer_identity` gives it) with `verifier`, as of now: a server whose
+/// client CA or CRLs changed after the handshake asks this of each
+/// connection it keeps.
+///
+/// # Errors
+/// rustls's reason (revoked, expired, unknown issuer, no certificate).
+pub fn verify_peer(
+    verifier: &dyn ClientCertVerifier,
+    chain: &[CertificateDer<'_>],
+) -> Result<(), rustls::Error> {
+    let Some((end_entity, intermediates)) = chain.split_first() else {
+        return Err(rustls::Error::NoCertificatesPresented);
+    };
+    verifier
+        .verify_client_cert(end_entity, intermediates, UnixTime::now())
+        .map(|_| ())
 }
 
 /// Wraps a server rustls configuration for quinn with the given tuning.
