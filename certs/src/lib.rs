@@ -201,6 +201,17 @@ impl Validity {
         }
     }
 
+    /// From an hour ago until `lasting` from now: a short-lived
+    /// certificate. X.509 records whole seconds, so the end is rounded
+    /// down to one.
+    pub fn lasting(lasting: std::time::Duration) -> Self {
+        let now = OffsetDateTime::now_utc();
+        Self {
+            not_before: now - Duration::hours(1),
+            not_after: now.saturating_add(Duration::try_from(lasting).unwrap_or(Duration::MAX)),
+        }
+    }
+
     /// A window that ended a day ago: for testing that expired certificates
     /// are refused.
     pub fn expired() -> Self {

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quasar_transport::tls::TlsError;
-use quasar_transport::{ElemType, FrameError, ReadFrameError, StatusCode, Timings, WireError};
+use quasar_transport::{
+    CloseCode, ElemType, FrameError, ReadFrameError, StatusCode, Timings, WireError,
+};
 use thiserror::Error;
 
 /// Why [`crate::Client::connect`] failed.
@@ -144,6 +146,12 @@ impl CallError {
         match self {
             // This client closed the connection itself: nothing to retry.
             Self::Connection(quinn::ConnectionError::LocallyClosed) => false,
+            // The server refused this client's certificate (revoked, say):
+            // a new connection with it would be refused the same way.
+            Self::Connection(lost) | Self::Reconnect { lost, .. } if refuses_client(lost) => false,
+            Self::Reconnect { source, .. } if matches!(source.as_ref(), ConnectError::Handshake(e) if refuses_client(e)) => {
+                false
+            }
             Self::Connection(_) | Self::AttemptTimeout(_) | Self::Reconnect { .. } => true,
             Self::Status { code, .. } => *code == StatusCode::Unavailable,
             // A stream that failed on a live connection (a reply over this
@@ -160,6 +168,31 @@ impl CallError {
             Self::Connection(_) | Self::Send(_) | Self::Receive(_) | Self::Reconnect { .. }
         )
     }
+}
+
+/// True if the server closed the connection because it refuses this
+/// client's certificate: after the handshake (a reload revoked it, say),
+/// or at it, with a TLS alert about the certificate.
+fn refuses_client(lost: &quinn::ConnectionError) -> bool {
+    match lost {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            CloseCode::from_varint(close.error_code).is_some_and(CloseCode::refuses_client)
+        }
+        // Sent by the server (this client's own refusals of the server's
+        // certificate are local transport errors).
+        quinn::ConnectionError::ConnectionClosed(close) => {
+            certificate_alert(u64::from(close.error_code))
+        }
+        _ => false,
+    }
+}
+
+/// QUIC carries a TLS alert as the crypto error `0x100 + alert`. These
+/// alerts refuse the peer's certificate: bad (42), unsupported (43),
+/// revoked (44), expired (45), unknown (46), unknown CA (48), required
+/// but missing (116).
+fn certificate_alert(code: u64) -> bool {
+    matches!(code.checked_sub(0x100), Some(42..=46 | 48 | 116))
 }
 
 /// Why an output could not be read from a [`crate::Response`].
@@ -183,4 +216,23 @@ pub enum OutputError {
     /// that is not a whole number of elements).
     #[error("output `{0}` is not a whole number of elements")]
     Misaligned(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificate_alerts_are_told_from_other_closes() {
+        for alert in [42, 43, 44, 45, 46, 48, 116] {
+            assert!(certificate_alert(0x100 + alert), "alert {alert}");
+        }
+        // handshake_failure, decrypt_error, no_application_protocol.
+        for alert in [40, 51, 120] {
+            assert!(!certificate_alert(0x100 + alert), "alert {alert}");
+        }
+        // Not crypto errors: PROTOCOL_VIOLATION, and 44 as a bare code.
+        assert!(!certificate_alert(0xa));
+        assert!(!certificate_alert(44));
+    }
 }

@@ -32,6 +32,7 @@
 //! request nor the response is held any more.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
@@ -49,17 +50,18 @@ use quasar_transport::{
     BufferDesc, CloseCode, ECHO_KERNEL, FrameError, ReadFrameError, ResponseHeader, StatusCode,
     StreamCode, Timings,
 };
-use tokio::sync::oneshot;
+use tokio::sync::{Semaphore, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::Shared;
 use crate::access::{Identity, peer_chain};
 use crate::admission::{Admission, Slot};
 use crate::budget::kib_for;
 use crate::clients::Client;
 use crate::gpu::executor::{Job, Reservation};
 use crate::kernel::plan::{plan, plan_echo, shown};
+use crate::{Shared, TlsInForce};
 
 /// What one connection's calls share.
 struct Conn {
@@ -272,12 +274,12 @@ pub(crate) async fn connection(
 ) {
     let remote = incoming.remote_address();
     let stats = admission.stats();
-    // Subscribed before the handshake: a reload from here on is seen by
-    // the loop below (one before it changed the endpoint's configuration
-    // first, so the handshake ran under it).
-    let mut client_check = shared.client_check.subscribe();
+    // The handshake runs under the TLS configuration in force now; a
+    // reload from here on is seen by `close_if_refused`.
+    let mut tls_watch = shared.tls.subscribe();
+    let in_force = tls_watch.borrow_and_update().server_config.clone();
     let handshake = async {
-        match incoming.accept() {
+        match incoming.accept_with(in_force) {
             Ok(connecting) => connecting.await,
             Err(e) => Err(e),
         }
@@ -320,7 +322,15 @@ pub(crate) async fn connection(
     let calls = TaskTracker::new();
     let cancelled = cancel.cancelled();
     tokio::pin!(cancelled);
-    let mut watching = true;
+    // Beside the loop rather than in it, so that calls do not pay for
+    // watching; closing the connection ends the loop.
+    let recheck = tokio::spawn(close_if_refused(
+        conn.clone(),
+        tls_watch,
+        shared.recheck_permits.clone(),
+        remote,
+        conn_state.identity.to_string(),
+    ));
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -343,30 +353,10 @@ pub(crate) async fn connection(
             _ = sweep.tick() => {
                 conn_state.lingering.sweep();
             }
-            changed = client_check.changed(), if watching => {
-                if changed.is_err() {
-                    // Only once the server's state is dropped, which this
-                    // task's handle on it prevents; stop watching rather
-                    // than wake on it again.
-                    watching = false;
-                    continue;
-                }
-                let verifier = client_check.borrow_and_update().clone();
-                if let Err(e) = tls::verify_peer(verifier.as_ref(), &peer_chain(&conn)) {
-                    tracing::warn!(
-                        %remote,
-                        identity = %conn_state.identity,
-                        reason = %e,
-                        "client certificate no longer accepted after a reload; connection closed"
-                    );
-                    let reason = format!("client certificate no longer accepted: {e}");
-                    conn.close(CloseCode::CertificateRefused.varint(), reason.as_bytes());
-                    break;
-                }
-            }
             () = &mut cancelled => break,
         }
     }
+    recheck.abort();
     calls.close();
     calls.wait().await;
     if cancel.is_cancelled() {
@@ -376,6 +366,83 @@ pub(crate) async fn connection(
         // Say why, rather than the implicit close of a dropped connection.
         conn.close(CloseCode::ServerShutdown.varint(), b"server shutting down");
     }
+}
+
+/// Closes the connection with [`CloseCode::CertificateRefused`] when its
+/// certificate expires, or when a reload changes the client CA or CRLs
+/// and they refuse it. The checks run on blocking threads, a few at a
+/// time (each verifies signatures, and a CRL's over all of it), so a
+/// reload with many connections open does not stall the runtime.
+async fn close_if_refused(
+    conn: quinn::Connection,
+    mut tls_watch: watch::Receiver<TlsInForce>,
+    permits: Arc<Semaphore>,
+    remote: SocketAddr,
+    identity: String,
+) {
+    let chain = Arc::new(peer_chain(&conn));
+    let refuse = |reason: &str| {
+        tracing::warn!(
+            %remote,
+            %identity,
+            reason,
+            "client certificate no longer accepted; connection closed"
+        );
+        let reason = format!("client certificate no longer accepted: {reason}");
+        conn.close(CloseCode::CertificateRefused.varint(), reason.as_bytes());
+    };
+    // A second after: a certificate is valid through its last second.
+    let expires_in = chain_expiry(&chain).map(|t| {
+        t.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default()
+            + Duration::from_secs(1)
+    });
+    let expiry = async move {
+        match expires_in {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expiry);
+    loop {
+        tokio::select! {
+            changed = tls_watch.changed() => {
+                // An error: the server's state is gone, nothing to watch.
+                if changed.is_err() {
+                    return;
+                }
+                let verifier = tls_watch.borrow_and_update().client_check.clone();
+                let Ok(_permit) = permits.acquire().await else { return };
+                let chain = chain.clone();
+                let verdict = tokio::task::spawn_blocking(move || {
+                    tls::verify_peer(verifier.as_ref(), &chain)
+                })
+                .await;
+                match verdict {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return refuse(&e.to_string()),
+                    // A check that panicked proves nothing: fail closed.
+                    Err(_) => return refuse("the check failed"),
+                }
+            }
+            () = &mut expiry => return refuse("invalid peer certificate: Expired"),
+        }
+    }
+}
+
+/// When the first certificate of a chain to expire does (its `notAfter`);
+/// `None` if none parses (the timer is then left to the reload checks).
+fn chain_expiry(
+    chain: &[rustls_pki_types::CertificateDer<'static>],
+) -> Option<std::time::SystemTime> {
+    chain
+        .iter()
+        .filter_map(|der| {
+            let (_, cert) = X509Certificate::from_der(der).ok()?;
+            let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+            std::time::UNIX_EPOCH.checked_add(Duration::from_secs(secs))
+        })
+        .min()
 }
 
 /// How a call ended, short of a successful reply.

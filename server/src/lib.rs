@@ -185,10 +185,42 @@ pub(crate) struct Shared {
     pub(crate) min_transfer_rate: u64,
     policy: RwLock<Arc<Policy>>,
     pub(crate) access_log: bool,
-    /// The client certificate verifier of the configuration in force:
-    /// each connection checks its certificate again when a reload
-    /// replaces it, so a revocation reaches sessions already open.
-    pub(crate) client_check: watch::Sender<Arc<dyn ClientCertVerifier>>,
+    /// The TLS configuration in force: each handshake runs under it, and
+    /// each connection checks its certificate again when a reload changes
+    /// whom it trusts, so a revocation reaches sessions already open.
+    pub(crate) tls: watch::Sender<TlsInForce>,
+    /// Bounds how many of those checks run at once, on blocking threads.
+    pub(crate) recheck_permits: Arc<tokio::sync::Semaphore>,
+}
+
+/// The TLS configuration in force.
+#[derive(Debug, Clone)]
+pub(crate) struct TlsInForce {
+    /// What a new connection's handshake runs under. quinn would otherwise
+    /// use the configuration of when the connection's first packet
+    /// arrived, which may predate a reload.
+    pub(crate) server_config: Arc<quinn::ServerConfig>,
+    /// Its client certificate verifier.
+    pub(crate) client_check: Arc<dyn ClientCertVerifier>,
+    /// The client CA and CRLs it was built from: a reload that keeps them
+    /// (a new server certificate, say) checks no connection again.
+    trust: Arc<Trust>,
+}
+
+/// Whom the server trusts, as read: the client CA and the CRLs.
+#[derive(Debug, PartialEq, Eq)]
+struct Trust {
+    client_ca: Vec<u8>,
+    crls: Vec<Vec<u8>>,
+}
+
+impl Trust {
+    fn of(pem: &TlsPem) -> Arc<Self> {
+        Arc::new(Self {
+            client_ca: pem.client_ca.clone(),
+            crls: pem.crls.clone(),
+        })
+    }
 }
 
 impl Shared {
@@ -272,7 +304,14 @@ impl Server {
             min_transfer_rate: config.min_transfer_rate,
             policy: RwLock::new(Arc::new(config.policy.clone())),
             access_log: config.access_log,
-            client_check: watch::Sender::new(client_check),
+            tls: watch::Sender::new(TlsInForce {
+                server_config: Arc::new(server_config.clone()),
+                client_check,
+                trust: Trust::of(&config.tls),
+            }),
+            recheck_permits: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, usize::from),
+            )),
         });
         Ok(Self {
             endpoint,
@@ -462,9 +501,10 @@ pub struct ReloadConfig {
 /// session (and the identity they proved) while their certificate passes
 /// the new client CA and CRLs, new handshakes see the new certificates
 /// and CRLs, every call from then on is checked against the new policy
-/// and kernels. A connection whose certificate the new configuration
-/// refuses (revoked, issued by a CA no longer trusted, expired since its
-/// handshake) is closed with [`CloseCode::CertificateRefused`].
+/// and kernels. When the client CA or CRLs change, a connection whose
+/// certificate they refuse (revoked, issued by a CA no longer trusted) is
+/// closed with [`CloseCode::CertificateRefused`], as is any connection
+/// when its certificate expires.
 #[derive(Debug, Clone)]
 pub struct Reloader {
     endpoint: quinn::Endpoint,
@@ -508,10 +548,17 @@ impl Reloader {
             .policy
             .write()
             .unwrap_or_else(PoisonError::into_inner) = Arc::new(config.policy);
-        // The endpoint first: a connection that subscribed to the verifier
-        // after it changed had its handshake with the new configuration.
+        let in_force = TlsInForce {
+            server_config: Arc::new(server_config.clone()),
+            client_check,
+            trust: Trust::of(&config.tls),
+        };
         self.endpoint.set_server_config(Some(server_config));
-        self.shared.client_check.send_replace(client_check);
+        self.shared.tls.send_if_modified(|tls| {
+            let trust_changed = tls.trust != in_force.trust;
+            *tls = in_force;
+            trust_changed
+        });
         tracing::info!(kernels = kernels.len(), "configuration reloaded");
         Ok(kernels)
     }

@@ -1,11 +1,15 @@
 //! Identity-based access: the access policy grants kernels to certificate
 //! identities (DNS or URI SANs), a denied call gets PERMISSION_DENIED, and a
-//! revoked certificate is refused at the handshake.
+//! revoked certificate is refused at the handshake; a connection ends when
+//! its certificate expires.
+
+use std::time::Duration;
 
 use quasar::embedded::{EmbeddedServer, SERVER_NAME};
 use quasar_certs::{PkiDir, Validity};
 use quasar_client::{Call, Client, ClientConfig, StatusCode};
 use quasar_server::Policy;
+use quasar_transport::CloseCode;
 
 use crate::support::server_with;
 
@@ -163,4 +167,41 @@ async fn a_crl_file_without_a_crl_is_refused_at_start() {
     let result = EmbeddedServer::start(move |c| c.tls.crls = vec![pem]).await;
     let err = result.expect_err("a CA given as a CRL must not start a server");
     assert!(err.to_string().contains("no X509 CRL"), "{err}");
+}
+
+/// A session does not outlive its certificate: the connection of a
+/// certificate that expires while connected is closed with
+/// CERTIFICATE_REFUSED, not kept until the client leaves.
+#[tokio::test]
+async fn a_connection_is_closed_when_its_certificate_expires() {
+    let server = server_with(|_| {}).await;
+    let id = server
+        .ca()
+        .issue_client("brief", Validity::lasting(Duration::from_secs(3)))
+        .expect("issue");
+    let endpoint = crate::support::raw_endpoint(&server.ca_pem(), &id);
+    let conn = endpoint
+        .connect(server.addr(), SERVER_NAME)
+        .expect("connect")
+        .await
+        .expect("handshake");
+    // Accepted: a call is answered while the certificate is valid.
+    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+    send.write_all(b"not a frame").await.expect("write");
+    send.finish().expect("finish");
+    let _ = recv.read_to_end(1 << 16).await;
+    assert!(conn.close_reason().is_none(), "{:?}", conn.close_reason());
+
+    let closed = tokio::time::timeout(Duration::from_secs(15), conn.closed())
+        .await
+        .expect("closed once the certificate expired");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, CloseCode::CertificateRefused.varint());
+            let reason = String::from_utf8_lossy(&close.reason);
+            assert!(reason.contains("Expired"), "{reason}");
+        }
+        other => panic!("closed otherwise: {other}"),
+    }
+    server.stop().await;
 }

@@ -230,6 +230,10 @@ async fn certificates_policy_crl_and_kernels_reload_under_load() {
     };
     assert!(e.is_transport(), "{e}");
     assert!(
+        !e.is_retryable(),
+        "a refused certificate is not retried: {e}"
+    );
+    assert!(
         e.to_string().contains("Revoked") || e.to_string().contains("no longer accepted"),
         "{e}"
     );

@@ -119,9 +119,28 @@ pub enum CloseCode {
 }
 
 impl CloseCode {
+    /// Every code, in numeric order.
+    pub const ALL: [Self; 4] = [
+        Self::ClientDone,
+        Self::ServerShutdown,
+        Self::Unidentified,
+        Self::CertificateRefused,
+    ];
+
     /// The code as a QUIC variable-length integer.
     pub fn varint(self) -> quinn::VarInt {
         quinn::VarInt::from_u32(self as u32)
+    }
+
+    /// The code a peer closed with, if it is one of these.
+    pub fn from_varint(code: quinn::VarInt) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.varint() == code)
+    }
+
+    /// True if the server refused this client's certificate: reconnecting
+    /// with the same one would be refused again.
+    pub fn refuses_client(self) -> bool {
+        matches!(self, Self::Unidentified | Self::CertificateRefused)
     }
 }
 
@@ -136,5 +155,9 @@ mod tests {
         }
         assert_eq!(StatusCode::from_u16(2), None);
         assert_eq!(StatusCode::from_u16(u16::MAX), None);
+        for code in CloseCode::ALL {
+            assert_eq!(CloseCode::from_varint(code.varint()), Some(code));
+        }
+        assert_eq!(CloseCode::from_varint(quinn::VarInt::from_u32(4)), None);
     }
 }
