@@ -31,15 +31,6 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// Threads lavapipe (Mesa's software Vulkan) runs compute shaders on;
-    /// 0 runs every dispatch on its queue thread. Sets Mesa's
-    /// `LP_NUM_THREADS` for this process (without it: the environment's
-    /// value, else one thread per CPU). Handing each dispatch to the
-    /// threads costs more than a small kernel's work on a 2-vCPU host,
-    /// so 0 suits many small calls and the default large kernels
-    /// (BENCHMARKS.md, "lavapipe's compute threads"). No effect on GPUs.
-    #[arg(long, global = true, value_name = "N")]
-    lavapipe_threads: Option<u32>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -85,41 +76,59 @@ fn one_line(e: &anyhow::Error) -> String {
     line
 }
 
+/// Set on the command this process runs again as, so it never does so twice.
+const REEXEC_MARK: &str = "QUASAR_LAVAPIPE_REEXEC";
+
 /// Makes sure Mesa sees `LP_NUM_THREADS=n`: when the environment says
 /// otherwise, runs this command again with it set, in place of this
-/// process. Changing the environment of a running process is unsafe (C
-/// code may read it from another thread meanwhile), which this crate
-/// forbids; a process started with the variable is not.
+/// process (same PID, signals and standard streams). Changing the
+/// environment of a running process is unsafe (C code may read it from
+/// another thread meanwhile), which this crate forbids; a process started
+/// with the variable is not.
 fn with_lavapipe_threads(n: u32) -> Result<()> {
     let wanted = n.to_string();
     if std::env::var_os("LP_NUM_THREADS").is_some_and(|v| v == wanted.as_str()) {
         return Ok(());
     }
+    if std::env::var_os(REEXEC_MARK).is_some() {
+        anyhow::bail!("LP_NUM_THREADS is not {wanted} even after starting again with it set");
+    }
+    exec_with(&[("LP_NUM_THREADS", wanted.as_str()), (REEXEC_MARK, "1")])
+}
+
+#[cfg(unix)]
+fn exec_with(vars: &[(&str, &str)]) -> Result<()> {
+    use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe()?;
     let mut command = std::process::Command::new(&exe);
-    command
-        .args(std::env::args_os().skip(1))
-        .env("LP_NUM_THREADS", &wanted);
-    #[cfg(unix)]
-    {
-        use std::os::unix::process::CommandExt;
-        // Returns only if the new image could not be started.
-        let e = command.exec();
-        Err(anyhow::anyhow!(
-            "starting {} again with LP_NUM_THREADS={wanted}: {e}",
-            exe.display()
-        ))
+    command.args(std::env::args_os().skip(1));
+    for (k, v) in vars {
+        command.env(k, v);
     }
-    #[cfg(not(unix))]
-    {
-        let status = command.status()?;
-        std::process::exit(status.code().unwrap_or(1));
-    }
+    // Returns only if the new image could not be started.
+    let e = command.exec();
+    Err(anyhow::anyhow!("starting {} again: {e}", exe.display()))
+}
+
+#[cfg(not(unix))]
+fn exec_with(_vars: &[(&str, &str)]) -> Result<()> {
+    // Without exec, a child would outlive a parent killed by a service
+    // manager: the variable is the operator's to set.
+    anyhow::bail!(
+        "--lavapipe-threads needs a Unix host; set LP_NUM_THREADS in the environment instead"
+    )
 }
 
 fn run() -> Result<()> {
     let cli = Cli::parse();
-    if let Some(n) = cli.lavapipe_threads {
+    let lavapipe = match &cli.command {
+        Command::Demo(a) => a.lavapipe,
+        Command::Serve(a) => a.lavapipe,
+        Command::Info(a) => a.lavapipe,
+        Command::Bench(a) => a.lavapipe,
+        Command::Certs(_) | Command::Call(_) => cli::LavapipeArgs::default(),
+    };
+    if let Some(n) = lavapipe.lavapipe_threads {
         with_lavapipe_threads(n)?;
     }
     let default_level = match cli.command {

@@ -26,6 +26,8 @@ use super::call::{input, parse_arg};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
+    #[command(flatten)]
+    pub lavapipe: super::LavapipeArgs,
     /// Server address (or --embedded).
     #[arg(
         long,

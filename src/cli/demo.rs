@@ -16,6 +16,8 @@ use super::{fmt_us, micros};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
+    #[command(flatten)]
+    pub lavapipe: super::LavapipeArgs,
     /// Calls per kernel; latency percentiles are over these.
     #[arg(long, default_value_t = 200)]
     calls: usize,

@@ -5,6 +5,8 @@ use clap::Args;
 
 #[derive(Args, Debug)]
 pub struct InfoArgs {
+    #[command(flatten)]
+    pub lavapipe: super::LavapipeArgs,
     /// Print every limit, not only those that matter for compute.
     #[arg(long)]
     all_limits: bool,

@@ -37,6 +37,8 @@ use serde::Deserialize;
 
 #[derive(Args, Debug, Default, Clone)]
 pub struct ServeArgs {
+    #[command(flatten)]
+    pub lavapipe: super::LavapipeArgs,
     /// TOML file with any of these settings (keys named like the flags) and
     /// the `[access]` policy.
     #[arg(long)]

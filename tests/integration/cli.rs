@@ -229,8 +229,8 @@ fn info_lists_an_adapter() {
 
 /// `--lavapipe-threads` reaches Mesa, which reads `LP_NUM_THREADS` once,
 /// when wgpu enumerates adapters: the server names the setting, and on
-/// lavapipe it starts as many threads of its own (named `llvmpipe-N`; its
-/// compute pool takes the same count) as asked.
+/// lavapipe it starts as many threads of its own per context (named
+/// `llvmpipe-N`; its compute pool takes the same count) as asked.
 #[test]
 fn lavapipe_threads_reach_mesa() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -255,7 +255,13 @@ fn lavapipe_threads_reach_mesa() {
                 .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
                 .filter(|comm| comm.starts_with("llvmpipe-"))
                 .count();
-            assert_eq!(named.to_string(), threads, "{log}");
+            // One set per llvmpipe context: wgpu may make more than one.
+            let asked: usize = threads.parse().expect("a count");
+            if asked == 0 {
+                assert_eq!(named, 0, "{log}");
+            } else {
+                assert!(named > 0 && named % asked == 0, "{named} threads\n{log}");
+            }
         }
         drop(server);
     }
