@@ -83,6 +83,12 @@ pub struct ConnectionStats {
     pub handshakes_failed: AtomicU64,
     /// Handshakes dropped after `handshake_timeout`.
     pub handshakes_timed_out: AtomicU64,
+    /// Established connections' certificates checked again because a
+    /// reload changed the client CA or CRLs.
+    pub certificates_rechecked: AtomicU64,
+    /// Connections closed because their certificate was refused after
+    /// the handshake (by a reload's client CA or CRLs, or on expiry).
+    pub certificates_refused: AtomicU64,
 }
 
 /// What to do with a connection attempt.

@@ -56,7 +56,7 @@ use tokio_util::task::TaskTracker;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::access::{Identity, peer_chain};
-use crate::admission::{Admission, Slot};
+use crate::admission::{Admission, ConnectionStats, Slot};
 use crate::budget::kib_for;
 use crate::clients::Client;
 use crate::gpu::executor::{Job, Reservation};
@@ -328,6 +328,7 @@ pub(crate) async fn connection(
         conn.clone(),
         tls_watch,
         shared.recheck_permits.clone(),
+        stats.clone(),
         remote,
         conn_state.identity.to_string(),
     ));
@@ -377,11 +378,13 @@ async fn close_if_refused(
     conn: quinn::Connection,
     mut tls_watch: watch::Receiver<TlsInForce>,
     permits: Arc<Semaphore>,
+    stats: Arc<ConnectionStats>,
     remote: SocketAddr,
     identity: String,
 ) {
     let chain = Arc::new(peer_chain(&conn));
     let refuse = |reason: &str| {
+        stats.certificates_refused.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             %remote,
             %identity,
@@ -414,6 +417,7 @@ async fn close_if_refused(
                 let verifier = tls_watch.borrow_and_update().client_check.clone();
                 let Ok(_permit) = permits.acquire().await else { return };
                 let chain = chain.clone();
+                stats.certificates_rechecked.fetch_add(1, Ordering::Relaxed);
                 let verdict = tokio::task::spawn_blocking(move || {
                     tls::verify_peer(verifier.as_ref(), &chain)
                 })

@@ -251,6 +251,8 @@ pub struct Server {
     /// Held while changing the endpoint's server configuration, so a reload
     /// cannot turn handshakes back on once shutdown has turned them off.
     config_gate: Arc<Mutex<()>>,
+    /// Held for the whole of a reload.
+    reloading: Arc<tokio::sync::Mutex<()>>,
     shutdown_grace: Duration,
     socket_buffers: SocketBuffers,
 }
@@ -321,6 +323,7 @@ impl Server {
             base: server_config,
             stopping: CancellationToken::new(),
             config_gate: Arc::new(Mutex::new(())),
+            reloading: Arc::new(tokio::sync::Mutex::new(())),
             shutdown_grace: config.shutdown_grace,
             socket_buffers,
         })
@@ -336,6 +339,7 @@ impl Server {
             base: self.base.clone(),
             stopping: self.stopping.clone(),
             config_gate: self.config_gate.clone(),
+            reloading: self.reloading.clone(),
         }
     }
 
@@ -513,12 +517,17 @@ pub struct Reloader {
     base: quinn::ServerConfig,
     stopping: CancellationToken,
     config_gate: Arc<Mutex<()>>,
+    reloading: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Reloader {
     /// Checks everything new first (certificates, key, CRLs, every kernel
     /// parsed and compiled); if any of it is broken, nothing changes and
-    /// the error says what. Returns the kernels now loaded.
+    /// the error says what. Returns the kernels now loaded. The new policy
+    /// is in force before the new kernels, so a kernel this reload adds is
+    /// never called under the policy before it (a reload whose kernels
+    /// then fail puts the previous policy back). Reloads run one at a
+    /// time.
     ///
     /// # Errors
     /// [`ServerError`] naming the broken part, or [`ServerError::Stopped`].
@@ -533,21 +542,24 @@ impl Reloader {
         let mut server_config = self.base.clone();
         let (crypto, client_check) = server_crypto(&config.tls)?;
         server_config.crypto = tls::quic_crypto(crypto)?;
+        // One reload at a time, so that a failed one puts back the policy
+        // it replaced, not another reload's.
+        let _one_at_a_time = self.reloading.lock().await;
+        // The policy before the kernels: a call reads the kernels first, so
+        // one that finds a kernel this reload adds is checked against this
+        // policy, never the one before.
+        let previous = self.swap_policy(Arc::new(config.policy))?;
         // The kernel swap is the last step that can fail, and it is all or
         // nothing inside the executor.
-        let kernels = self.control.reload(config.kernel_dir).await?;
-        let _gate = self
-            .config_gate
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if self.stopping.is_cancelled() {
-            return Err(ServerError::Stopped);
-        }
-        *self
-            .shared
-            .policy
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Arc::new(config.policy);
+        let kernels = match self.control.reload(config.kernel_dir).await {
+            Ok(kernels) => kernels,
+            Err(e) => {
+                // Rejected as a whole: the policy goes back too.
+                let _ = self.swap_policy(previous);
+                return Err(e.into());
+            }
+        };
+        let _gate = self.gate()?;
         let in_force = TlsInForce {
             server_config: Arc::new(server_config.clone()),
             client_check,
@@ -561,6 +573,31 @@ impl Reloader {
         });
         tracing::info!(kernels = kernels.len(), "configuration reloaded");
         Ok(kernels)
+    }
+
+    /// The right to change what the server runs under: held while it
+    /// does, refused once the server is stopping (which takes it to turn
+    /// new handshakes off for good).
+    fn gate(&self) -> Result<std::sync::MutexGuard<'_, ()>, ServerError> {
+        let gate = self
+            .config_gate
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.stopping.is_cancelled() {
+            return Err(ServerError::Stopped);
+        }
+        Ok(gate)
+    }
+
+    /// Puts `policy` in force; the one it replaces.
+    fn swap_policy(&self, policy: Arc<Policy>) -> Result<Arc<Policy>, ServerError> {
+        let _gate = self.gate()?;
+        let mut current = self
+            .shared
+            .policy
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(std::mem::replace(&mut *current, policy))
     }
 
     /// Destroys the GPU device as a driver reset would; the executor

@@ -237,6 +237,25 @@ async fn certificates_policy_crl_and_kernels_reload_under_load() {
         e.to_string().contains("Revoked") || e.to_string().contains("no longer accepted"),
         "{e}"
     );
+    // Each of the four connections open at the reload (alice's, bob's and
+    // carol's two) was checked once; carol's two were closed.
+    let stats = server.connection_stats();
+    let started = std::time::Instant::now();
+    while stats.certificates_rechecked.load(Ordering::Relaxed) < 4
+        && started.elapsed() < Duration::from_secs(10)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(stats.certificates_rechecked.load(Ordering::Relaxed), 4);
+    assert_eq!(stats.certificates_refused.load(Ordering::Relaxed), 2);
+    // A reload that keeps the client CA and CRLs checks nobody again.
+    server
+        .reloader()
+        .reload(rotated.clone())
+        .await
+        .expect("the same configuration again");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(stats.certificates_rechecked.load(Ordering::Relaxed), 4);
 
     // New handshakes see the new certificate and the CRL.
     let new_der = tls::certs_from_pem(new_server.cert_pem.as_bytes(), "new")
@@ -264,9 +283,20 @@ async fn certificates_policy_crl_and_kernels_reload_under_load() {
         .await
         .expect_err("a broken key is rejected");
     std::fs::write(kernels.join("broken.wgsl"), "fn nope( {").expect("write");
+    // With a policy that would give bob mul back: the policy is in force
+    // before the kernels are swapped, and goes back when they fail.
+    let mut with_broken_kernel = rotated.clone();
+    with_broken_kernel.policy = toml::from_str(
+        r#"
+        [[rule]]
+        identity = "bob"
+        kernels = ["add", "mul"]
+        "#,
+    )
+    .expect("policy");
     let e = server
         .reloader()
-        .reload(rotated.clone())
+        .reload(with_broken_kernel)
         .await
         .expect_err("a broken kernel is rejected");
     assert!(e.to_string().contains("broken"), "{e}");
@@ -289,6 +319,6 @@ async fn certificates_policy_crl_and_kernels_reload_under_load() {
         "calls failed under reload"
     );
     assert!(done.load(Ordering::Relaxed) > 0);
-    assert_eq!(server.stats().reloads.load(Ordering::Relaxed), 1);
+    assert_eq!(server.stats().reloads.load(Ordering::Relaxed), 2);
     server.stop().await;
 }
