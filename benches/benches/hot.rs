@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use quasar_server::budget::Budget;
-use quasar_server::gpu::sched::{FairQueue, Next, Queued};
+use quasar_server::gpu::sched::{BatchBounds, FairQueue, Next, Queued};
 use quasar_transport::io::ChunkedPayload;
 
 struct Job(u64);
@@ -29,17 +29,27 @@ impl Queued for Job {
 fn fair_queue(c: &mut Criterion) {
     let mut g = c.benchmark_group("fair_queue");
     g.throughput(Throughput::Elements(64));
-    // 64 calls from 8 connections queued, then taken as one batch.
-    g.bench_function("push_64_from_8_sources_take_one_batch", |b| {
+    // 64 calls from 8 clients queued, taken as one batch (turns by GPU
+    // time), and the batch's time charged to them.
+    g.bench_function("push_64_from_8_sources_take_one_batch_charge_it", |b| {
         let q: FairQueue<Job, ()> = FairQueue::new(1024, 256);
+        let bounds = BatchBounds {
+            jobs: 64,
+            bytes: u64::MAX,
+            gpu_time: Duration::from_secs(1),
+        };
+        let mut charges = Vec::with_capacity(64);
         b.iter(|| {
             for i in 0..64u64 {
                 let _ = q.try_push(i % 8, Job(4096));
             }
-            match q.next_blocking(64, u64::MAX, Duration::ZERO) {
+            let taken = match q.next_blocking(bounds, Duration::ZERO) {
                 Some((Next::Jobs(jobs), _)) => black_box(jobs.len()),
                 _ => unreachable!("64 jobs were queued"),
-            }
+            };
+            charges.clear();
+            charges.extend((0..taken as u64).map(|i| (i % 8, None)));
+            q.charge(Duration::from_micros(2500), &charges);
         });
     });
     g.finish();

@@ -73,6 +73,9 @@ pub struct ServeArgs {
     /// Most calls encoded into one GPU submission (calls that arrive together share it) [default: 64].
     #[arg(long)]
     max_batch: Option<usize>,
+    /// Most GPU time one submission may take, ms, as estimated from each client's recent calls (a submission always takes one call; calls that run long then go alone rather than make the calls beside them wait) [default: 10].
+    #[arg(long)]
+    max_batch_ms: Option<u64>,
     /// Request and response bytes held for in-flight calls, all connections together, MiB [default: 1024].
     #[arg(long)]
     max_inflight_mib: Option<u64>,
@@ -151,6 +154,7 @@ struct FileConfig {
     queue_depth: Option<usize>,
     max_queued_per_client: Option<usize>,
     max_batch: Option<usize>,
+    max_batch_ms: Option<u64>,
     max_inflight_mib: Option<u64>,
     max_inflight_per_client_mib: Option<u64>,
     max_connections: Option<usize>,
@@ -287,6 +291,10 @@ pub async fn config(a: ServeArgs) -> Result<ServerConfig> {
         a.max_queued_per_client.or(f.max_queued_per_client),
     );
     set(&mut config.gpu.max_batch, a.max_batch.or(f.max_batch));
+    set(
+        &mut config.gpu.max_batch_time,
+        a.max_batch_ms.or(f.max_batch_ms).map(Duration::from_millis),
+    );
     set(
         &mut config.gpu.timestamps,
         a.gpu_timestamps.or(f.gpu_timestamps).map(Into::into),

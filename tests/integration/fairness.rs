@@ -1,6 +1,7 @@
 //! Fairness between clients: a client that floods the server is held to
 //! its share of the GPU queue, and a polite client's calls keep completing
-//! without waiting behind the flood. A client is a certificate identity:
+//! without waiting behind the flood; clients share GPU time, whatever
+//! their calls cost. A client is a certificate identity:
 //! more connections get it no bigger share of the queue or of the
 //! in-flight byte budget.
 
@@ -14,7 +15,7 @@ use quasar_client::{Call, Client, ECHO_KERNEL, StatusCode};
 use crate::malformed::frame;
 use crate::replies::echo_header;
 use crate::support::{
-    calibrate, client_named, config, eventually, raw_endpoint, spin, spin_server_with,
+    calibrate, client_named, config, eventually, raw_endpoint, spin, spin_server, spin_server_with,
 };
 
 fn median(mut v: Vec<u64>) -> u64 {
@@ -86,6 +87,58 @@ async fn a_flooding_client_does_not_starve_a_polite_one() {
     );
     flooder.close().await;
     polite.close().await;
+    server.stop().await;
+}
+
+/// Turns go by GPU time, not by calls: a client whose calls each take
+/// eight times as long gets about an eighth as many turns, so both get
+/// about the same GPU time. Taken call by call, both would get as many
+/// calls done, and the heavy client eight times the GPU time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_share_gpu_time_not_calls() {
+    let (server, _dir) = spin_server().await;
+    let heavy = client_named(&server, "heavy").await;
+    let light = client_named(&server, "light").await;
+    let (iters, _) = calibrate(&light).await;
+    let light_iters = (iters / 64).max(1);
+    let heavy_iters = 8 * light_iters;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
+    let mut tasks = Vec::new();
+    // The light client keeps more calls in flight, so that its queue is
+    // seldom empty when the GPU thread takes work.
+    for (c, iters, done, calls) in [
+        (&heavy, heavy_iters, &done[0], 4),
+        (&light, light_iters, &done[1], 8),
+    ] {
+        for _ in 0..calls {
+            let (c, stop, done) = (c.clone(), stop.clone(), done.clone());
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    c.execute(spin(iters)).await.expect("served");
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.expect("caller task");
+    }
+    let (h, l) = (
+        done[0].load(Ordering::Relaxed),
+        done[1].load(Ordering::Relaxed),
+    );
+    assert!(h > 0, "the heavy client was never served ({l} light calls)");
+    assert!(
+        l >= 3 * h,
+        "{l} light calls of {light_iters} iterations against {h} heavy calls of {heavy_iters}: \
+         turns went by calls, not by GPU time"
+    );
+    heavy.close().await;
+    light.close().await;
     server.stop().await;
 }
 

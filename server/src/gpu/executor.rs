@@ -2,10 +2,12 @@
 //! buffer pool, and runs calls in batches.
 //!
 //! Async handlers queue [`Job`]s in a fair queue (one FIFO per client,
-//! taken round-robin) without
+//! taken in turns by the GPU time each client has used) without
 //! waiting (a full queue is refused at once, ResourceExhausted); each job
 //! carries a oneshot for its reply. The thread takes everything queued at
-//! once (up to [`GpuConfig::max_batch`]), encodes the calls into one
+//! once (up to [`GpuConfig::max_batch`] calls, `max_batch_bytes` and
+//! `max_batch_time`), charges the submission's time back to the clients
+//! of its calls, and encodes the calls into one
 //! command buffer, submits once and waits once: calls that arrive together
 //! share the cost of a submission, and a lone call is run at once. Only this
 //! thread calls the blocking `device.poll`. A job whose caller has gone away
@@ -50,7 +52,7 @@ use tokio::sync::oneshot;
 
 use super::pool::{BufferPool, PoolKind};
 pub use super::sched::SubmitError;
-use super::sched::{FairQueue, Next, Queued, Waited};
+use super::sched::{BatchBounds, FairQueue, Next, Queued, Waited};
 use super::{AdapterSummary, GpuError, choose_adapter};
 use crate::budget::Share;
 use crate::clients::Client;
@@ -77,6 +79,10 @@ pub struct GpuConfig {
     /// one call): large calls gain nothing from sharing a submission and
     /// would make the small ones beside them wait.
     pub max_batch_bytes: u64,
+    /// Most GPU time in one submission, as estimated from each client's
+    /// recent calls (a batch always takes at least one call): for the
+    /// same reason, about long-running calls.
+    pub max_batch_time: Duration,
     /// Longest a submission may run before its calls fail.
     pub poll_timeout: Duration,
     /// Idle GPU buffers kept for reuse, in bytes.
@@ -128,6 +134,7 @@ impl Default for GpuConfig {
             max_queued_per_client: 256,
             max_batch: 64,
             max_batch_bytes: 16 * 1024 * 1024,
+            max_batch_time: Duration::from_millis(10),
             poll_timeout: Duration::from_secs(60),
             max_pooled_bytes: 512 * 1024 * 1024,
             timestamps: Timestamping::Auto,
@@ -796,11 +803,15 @@ impl Worker {
             if self.gpu.lost.load(Ordering::SeqCst) && !self.recreate() {
                 break;
             }
-            let Some((next, waited)) = self.queue.next_blocking(
-                self.config.max_batch.clamp(1, MAX_BATCH),
-                self.config.max_batch_bytes,
-                self.config.idle_spin.min(MAX_IDLE_SPIN),
-            ) else {
+            let bounds = BatchBounds {
+                jobs: self.config.max_batch.clamp(1, MAX_BATCH),
+                bytes: self.config.max_batch_bytes,
+                gpu_time: self.config.max_batch_time,
+            };
+            let Some((next, waited)) = self
+                .queue
+                .next_blocking(bounds, self.config.idle_spin.min(MAX_IDLE_SPIN))
+            else {
                 break;
             };
             let waits = match waited {
@@ -955,6 +966,17 @@ impl Worker {
                     ))
                 });
         let gpu = gpu_start.elapsed();
+        // Turns go by GPU time: the submission's is charged to the clients
+        // of its calls (each call's own pass where timestamps measured it).
+        let charges: Vec<(u64, Option<Duration>)> = match &executed {
+            Ok(outputs) => live
+                .iter()
+                .zip(outputs)
+                .map(|(job, out)| (job.source, out.as_ref().ok().and_then(|o| o.1)))
+                .collect(),
+            Err(_) => live.iter().map(|job| (job.source, None)).collect(),
+        };
+        self.queue.charge(gpu, &charges);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         let pool = self.gpu.pool.stats();
         self.stats

@@ -2,17 +2,26 @@
 //! clients.
 //!
 //! Each source (a client: all the connections of one certificate identity;
-//! in-process callers share one) has its own
-//! FIFO, and the GPU thread takes work round-robin across sources: a client
-//! with 200 calls queued gets one turn, then a client with one call gets
-//! its turn. Both the whole queue and each source's share of it are
+//! in-process callers share one) has its own FIFO, and turns go by GPU
+//! time: the GPU thread takes next from the source that has been charged
+//! the least of it (start-time fair queuing). With calls of equal cost
+//! that is round robin: a client with 200 calls queued gets one turn, then
+//! a client with one call gets its turn. A client whose calls each take
+//! 10 ms gets one turn for every ten of a client whose calls take 1 ms, so
+//! heavy kernels cannot buy a larger share of the GPU than light ones.
+//! After each submission the executor charges its measured time to the
+//! sources of its calls ([`FairQueue::charge`]). A source that joins (or
+//! comes back) starts level with the least-charged source queued, so time
+//! spent idle is not saved up; time used beyond that is remembered while
+//! it is owed. Both the whole queue and each source's share of it are
 //! bounded, and submission never waits: past either bound the call is
 //! refused at once (ResourceExhausted), so a flooding client is held back
 //! without holding anyone else back.
 //!
-//! The GPU thread takes what is queued in one go (up to a batch limit), so
-//! calls that arrive together share one submission, and a lone call on an
-//! idle GPU is taken at once: there is no timer anywhere. Out of work, the
+//! The GPU thread takes what is queued in one go (up to a batch's bounds
+//! in calls, bytes and estimated GPU time), so calls that arrive together
+//! share one submission, and a lone call on an idle GPU is taken at once:
+//! there is no timer anywhere. Out of work, the
 //! thread may spin for a bounded time before it sleeps, so that the next
 //! call does not wait for it to wake up.
 //!
@@ -61,6 +70,28 @@ pub enum Waited {
     Slept,
 }
 
+/// How much one submission may take: it always takes at least one job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchBounds {
+    /// Most jobs.
+    pub jobs: usize,
+    /// Most bytes (as [`Queued::bytes`] counts them).
+    pub bytes: u64,
+    /// Most GPU time, as estimated from each source's recent calls.
+    pub gpu_time: Duration,
+}
+
+impl BatchBounds {
+    /// Bounds on jobs and bytes only.
+    pub fn jobs_and_bytes(jobs: usize, bytes: u64) -> Self {
+        Self {
+            jobs,
+            bytes,
+            gpu_time: Duration::MAX,
+        }
+    }
+}
+
 /// Something queued for the GPU thread: a unit of work with a size.
 pub trait Queued {
     /// Bytes the item carries, to bound a batch.
@@ -76,11 +107,30 @@ pub enum Next<J, C> {
     Control(C),
 }
 
+/// The GPU time charged to a source.
+#[derive(Debug, Default, Clone, Copy)]
+struct Account {
+    /// Nanoseconds charged, counted from the same origin for every source
+    /// (raised to the floor when the source joins).
+    vtime: u64,
+    /// Its calls' recent GPU time, ns (0: none measured yet).
+    per_call: u64,
+}
+
 #[derive(Debug)]
 struct State<J, C> {
     queues: HashMap<u64, VecDeque<J>>,
-    /// Sources with queued jobs, in turn order.
+    /// Sources with queued jobs, in turn order (ties in charged time go
+    /// to the first).
     ring: VecDeque<u64>,
+    /// Sources queued, or owing time; others are forgotten.
+    accounts: HashMap<u64, Account>,
+    /// The least charged time of a source queued when the GPU thread last
+    /// took work: where a joining source starts.
+    floor: u64,
+    /// Recent GPU time per call, all sources together, ns: the estimate
+    /// for a source with none of its own.
+    typical: u64,
     len: usize,
     control: VecDeque<C>,
     closed: bool,
@@ -90,7 +140,7 @@ struct State<J, C> {
     sleepers: usize,
 }
 
-/// A bounded, per-source round-robin queue.
+/// A bounded queue per source, taken in turns by the GPU time charged to each.
 #[derive(Debug)]
 pub struct FairQueue<J, C> {
     state: Mutex<State<J, C>>,
@@ -110,6 +160,9 @@ impl<J: Queued, C> FairQueue<J, C> {
             state: Mutex::new(State {
                 queues: HashMap::new(),
                 ring: VecDeque::new(),
+                accounts: HashMap::new(),
+                floor: 0,
+                typical: 0,
                 len: 0,
                 control: VecDeque::new(),
                 closed: false,
@@ -145,6 +198,9 @@ impl<J: Queued, C> FairQueue<J, C> {
         queue.push_back(job);
         if was_idle {
             s.ring.push_back(source);
+            let floor = s.floor;
+            let account = s.accounts.entry(source).or_default();
+            account.vtime = account.vtime.max(floor);
         }
         s.len += 1;
         self.pushed.fetch_add(1, Ordering::Release);
@@ -194,9 +250,9 @@ impl<J: Queued, C> FairQueue<J, C> {
     }
 
     /// Blocks until there is work, then takes the control messages first,
-    /// else up to `max_jobs` jobs (and at most `max_bytes` of them, though
-    /// always at least one) round-robin across sources, and says how it
-    /// waited. `None` once closed and drained.
+    /// else jobs within `bounds` (always at least one), the least-charged
+    /// source first, and says how it waited. `None` once closed and
+    /// drained.
     ///
     /// With nothing queued, the caller first spins for up to `spin`,
     /// watching for a push without the lock, and only then sleeps: a
@@ -205,8 +261,7 @@ impl<J: Queued, C> FairQueue<J, C> {
     /// time on the GPU thread.
     pub fn next_blocking(
         &self,
-        max_jobs: usize,
-        max_bytes: u64,
+        bounds: BatchBounds,
         spin: Duration,
     ) -> Option<(Next<J, C>, Waited)> {
         let mut s = self.lock();
@@ -216,7 +271,7 @@ impl<J: Queued, C> FairQueue<J, C> {
                 return Some((Next::Control(c), waited));
             }
             if s.len > 0 {
-                let jobs = take(&mut s, max_jobs.max(1), max_bytes);
+                let jobs = take(&mut s, bounds);
                 return Some((Next::Jobs(jobs), waited));
             }
             if s.closed {
@@ -244,39 +299,141 @@ impl<J: Queued, C> FairQueue<J, C> {
     pub fn drain(&self) -> Vec<J> {
         let mut s = self.lock();
         let n = s.len;
-        take(&mut s, n, u64::MAX)
+        take(&mut s, BatchBounds::jobs_and_bytes(n, u64::MAX))
+    }
+
+    /// Charges a submission's GPU time to the sources of its calls: each
+    /// call its measured time where there is one (GPU timestamps), the
+    /// rest of `batch` split among the others in proportion to their
+    /// sources' recent time per call.
+    pub fn charge(&self, batch: Duration, calls: &[(u64, Option<Duration>)]) {
+        if calls.is_empty() {
+            return;
+        }
+        let mut s = self.lock();
+        let measured: u128 = calls.iter().filter_map(|c| c.1).map(|d| d.as_nanos()).sum();
+        let rest = batch.as_nanos().saturating_sub(measured);
+        // Each call's weight as things stand before this charge changes
+        // them, so that the shares add up to the batch.
+        let weights: Vec<u128> = calls
+            .iter()
+            .map(|&(source, exact)| match exact {
+                Some(_) => 0,
+                None => u128::from(estimate(&s, source)),
+            })
+            .collect();
+        let total: u128 = weights.iter().sum::<u128>().max(1);
+        for (&(source, exact), weight) in calls.iter().zip(weights) {
+            let ns = match exact {
+                Some(d) => d.as_nanos(),
+                None => rest * weight / total,
+            };
+            let ns = u64::try_from(ns).unwrap_or(u64::MAX);
+            s.typical = ewma(s.typical, ns);
+            let floor = s.floor;
+            let account = s.accounts.entry(source).or_insert(Account {
+                vtime: floor,
+                per_call: 0,
+            });
+            account.vtime = account.vtime.saturating_add(ns);
+            account.per_call = ewma(account.per_call, ns);
+        }
+        // Forget sources that are neither queued nor owing, now and then
+        // rather than on every charge.
+        if s.accounts.len() > 2 * s.queues.len() + 64 {
+            let State {
+                accounts,
+                queues,
+                floor,
+                ..
+            } = &mut *s;
+            accounts.retain(|source, a| queues.contains_key(source) || a.vtime > *floor);
+        }
     }
 }
 
-fn take<J: Queued, C>(s: &mut State<J, C>, max_jobs: usize, max_bytes: u64) -> Vec<J> {
+/// A running average that gives the newest value a quarter of its weight
+/// (the first value whole).
+fn ewma(average: u64, value: u64) -> u64 {
+    if average == 0 {
+        value
+    } else {
+        average - average / 4 + value / 4
+    }
+}
+
+/// A call of `source`'s GPU time, as its recent calls' (or, for a source
+/// with none, everyone's) suggests; at least 1 ns.
+fn estimate<J, C>(s: &State<J, C>, source: u64) -> u64 {
+    match s.accounts.get(&source) {
+        Some(a) if a.per_call > 0 => a.per_call,
+        _ => s.typical.max(1),
+    }
+}
+
+/// A queued source's turn, while a batch is being taken.
+struct Turn {
+    source: u64,
+    /// Its charged time, with the estimates of the jobs this batch has
+    /// taken from it so far.
+    charged: u64,
+    /// A job of its estimated time.
+    estimate: u64,
+}
+
+fn take<J: Queued, C>(s: &mut State<J, C>, bounds: BatchBounds) -> Vec<J> {
     let mut out = Vec::new();
     let mut bytes = 0u64;
-    while out.len() < max_jobs {
-        let Some(source) = s.ring.pop_front() else {
+    let mut time = 0u64;
+    let max_time = u64::try_from(bounds.gpu_time.as_nanos()).unwrap_or(u64::MAX);
+    // The accounts looked up once per batch, not once per job; in ring
+    // order, which breaks ties.
+    let mut turns: Vec<Turn> = s
+        .ring
+        .iter()
+        .map(|&source| Turn {
+            source,
+            charged: s.accounts.get(&source).map_or(s.floor, |a| a.vtime),
+            estimate: estimate(s, source),
+        })
+        .collect();
+    while out.len() < bounds.jobs.max(1) {
+        // The first of the least charged, so equal charges take turns.
+        let Some((at, _)) = turns.iter().enumerate().min_by_key(|(_, t)| t.charged) else {
             break;
         };
-        let Some(queue) = s.queues.get_mut(&source) else {
+        let mut turn = turns.remove(at);
+        if out.is_empty() {
+            s.floor = s.floor.max(turn.charged);
+        }
+        let Some(queue) = s.queues.get_mut(&turn.source) else {
             continue;
         };
         let Some(job) = queue.pop_front() else {
-            s.queues.remove(&source);
+            s.queues.remove(&turn.source);
             continue;
         };
         let size = job.bytes();
-        if !out.is_empty() && bytes.saturating_add(size) > max_bytes {
+        if !out.is_empty()
+            && (bytes.saturating_add(size) > bounds.bytes
+                || time.saturating_add(turn.estimate) > max_time)
+        {
             queue.push_front(job);
-            s.ring.push_front(source);
+            turns.insert(at, turn);
             break;
         }
         bytes = bytes.saturating_add(size);
+        time = time.saturating_add(turn.estimate);
         if queue.is_empty() {
-            s.queues.remove(&source);
+            s.queues.remove(&turn.source);
         } else {
-            s.ring.push_back(source);
+            turn.charged = turn.charged.saturating_add(turn.estimate);
+            turns.push(turn);
         }
         s.len -= 1;
         out.push(job);
     }
+    s.ring = turns.into_iter().map(|t| t.source).collect();
     out
 }
 
@@ -300,12 +457,146 @@ mod tests {
         }
         q.try_push(2, J(2, 0)).map_err(|e| e.0).expect("push");
         q.try_push(3, J(3, 0)).map_err(|e| e.0).expect("push");
-        let Some((Next::Jobs(jobs), Waited::No)) = q.next_blocking(4, u64::MAX, Duration::ZERO)
+        let Some((Next::Jobs(jobs), Waited::No)) =
+            q.next_blocking(BatchBounds::jobs_and_bytes(4, u64::MAX), Duration::ZERO)
         else {
             panic!("jobs expected")
         };
         assert_eq!(jobs, vec![J(1, 0), J(2, 0), J(3, 0), J(1, 1)]);
         assert_eq!(q.len(), 3);
+    }
+
+    /// Takes one batch of at most `n` jobs.
+    fn batch(q: &FairQueue<J, ()>, n: usize) -> Vec<J> {
+        match q.next_blocking(BatchBounds::jobs_and_bytes(n, u64::MAX), Duration::ZERO) {
+            Some((Next::Jobs(jobs), _)) => jobs,
+            other => panic!("jobs expected, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn turns_go_by_gpu_time_not_by_calls() {
+        let q: FairQueue<J, ()> = FairQueue::new(100, 100);
+        for i in 0..20 {
+            q.try_push(1, J(1, i)).map_err(|e| e.0).expect("push");
+            q.try_push(2, J(2, i)).map_err(|e| e.0).expect("push");
+        }
+        // Round robin while nothing is known.
+        assert_eq!(batch(&q, 2), vec![J(1, 0), J(2, 0)]);
+        // Source 1's call took 10 ms, source 2's 1 ms.
+        q.charge(
+            Duration::from_millis(11),
+            &[
+                (1, Some(Duration::from_millis(10))),
+                (2, Some(Duration::from_millis(1))),
+            ],
+        );
+        // Source 2 now runs until it has used as much: nine more calls,
+        // then the two take turns by the time they are charged.
+        let mut taken = Vec::new();
+        for _ in 0..10 {
+            let jobs = batch(&q, 1);
+            for j in &jobs {
+                let ms = if j.0 == 1 { 10 } else { 1 };
+                q.charge(Duration::from_millis(ms), &[(j.0, None)]);
+            }
+            taken.extend(jobs.into_iter().map(|j| j.0));
+        }
+        assert_eq!(taken, vec![2, 2, 2, 2, 2, 2, 2, 2, 2, 1]);
+    }
+
+    #[test]
+    fn a_batch_is_split_by_each_sources_time_per_call() {
+        let q: FairQueue<J, ()> = FairQueue::new(100, 100);
+        for i in 0..4 {
+            q.try_push(1, J(1, i)).map_err(|e| e.0).expect("push");
+            q.try_push(2, J(2, i)).map_err(|e| e.0).expect("push");
+        }
+        // Learn: 1's calls take 3 ms, 2's 1 ms (alone in their batches).
+        let _ = batch(&q, 1);
+        q.charge(Duration::from_millis(3), &[(1, None)]);
+        let _ = batch(&q, 1);
+        q.charge(Duration::from_millis(1), &[(2, None)]);
+        let before = {
+            let s = q.lock();
+            (s.accounts[&1].vtime, s.accounts[&2].vtime)
+        };
+        // 8 ms for one call of each: 6 to source 1, 2 to source 2.
+        q.charge(Duration::from_millis(8), &[(1, None), (2, None)]);
+        let s = q.lock();
+        assert_eq!(s.accounts[&1].vtime - before.0, 6_000_000);
+        assert_eq!(s.accounts[&2].vtime - before.1, 2_000_000);
+    }
+
+    #[test]
+    fn charges_add_up_to_the_batch() {
+        let q: FairQueue<J, ()> = FairQueue::new(100, 100);
+        // 64 calls of a source with no history, then 64 more: each batch
+        // is charged what it took, however the estimates move meanwhile.
+        for round in 1..=2u64 {
+            q.charge(Duration::from_millis(10), &[(1, None); 64]);
+            let s = q.lock();
+            let charged = s.accounts[&1].vtime;
+            assert!(
+                charged.abs_diff(round * 10_000_000) < 1_000,
+                "round {round}: {charged} ns charged"
+            );
+            assert!(s.accounts[&1].per_call.abs_diff(156_250) < 1_000);
+        }
+    }
+
+    #[test]
+    fn a_source_that_comes_back_starts_level_but_keeps_what_it_owes() {
+        let q: FairQueue<J, ()> = FairQueue::new(100, 100);
+        q.try_push(1, J(1, 0)).map_err(|e| e.0).expect("push");
+        let _ = batch(&q, 1);
+        q.charge(Duration::from_millis(50), &[(1, None)]);
+        // Source 1's queue is empty now, but it owes 50 ms; source 2
+        // joins at the floor.
+        q.try_push(1, J(1, 1)).map_err(|e| e.0).expect("push");
+        q.try_push(2, J(2, 0)).map_err(|e| e.0).expect("push");
+        {
+            let s = q.lock();
+            assert_eq!(s.accounts[&1].vtime, s.floor + 50_000_000);
+            assert_eq!(s.accounts[&2].vtime, s.floor);
+        }
+        assert_eq!(batch(&q, 1), vec![J(2, 0)], "source 1 waits its turn");
+        // Time spent idle is not saved up: after more work, a source
+        // that joins starts at the new floor, not at zero.
+        q.charge(Duration::from_millis(60), &[(2, None)]);
+        assert_eq!(batch(&q, 1), vec![J(1, 1)]);
+        q.charge(Duration::from_millis(1), &[(1, None)]);
+        q.try_push(3, J(3, 0)).map_err(|e| e.0).expect("push");
+        let s = q.lock();
+        assert_eq!(s.accounts[&3].vtime, s.floor);
+        assert!(s.floor >= 50_000_000, "{}", s.floor);
+    }
+
+    #[test]
+    fn batches_stop_at_their_estimated_gpu_time() {
+        let q: FairQueue<J, ()> = FairQueue::new(100, 100);
+        for i in 0..10 {
+            q.try_push(1, J(1, i)).map_err(|e| e.0).expect("push");
+        }
+        let _ = batch(&q, 1);
+        q.charge(Duration::from_millis(4), &[(1, None)]);
+        let bounds = BatchBounds {
+            jobs: 64,
+            bytes: u64::MAX,
+            gpu_time: Duration::from_millis(10),
+        };
+        let Some((Next::Jobs(jobs), _)) = q.next_blocking(bounds, Duration::ZERO) else {
+            panic!("jobs expected")
+        };
+        assert_eq!(jobs.len(), 2, "two 4 ms calls fit in 10 ms, three do not");
+        let tight = BatchBounds {
+            gpu_time: Duration::from_millis(1),
+            ..bounds
+        };
+        let Some((Next::Jobs(jobs), _)) = q.next_blocking(tight, Duration::ZERO) else {
+            panic!("jobs expected")
+        };
+        assert_eq!(jobs.len(), 1, "at least one, whatever its estimate");
     }
 
     #[test]
@@ -330,11 +621,15 @@ mod tests {
         for i in 0..4 {
             q.try_push(1, J(1, i)).map_err(|e| e.0).expect("push");
         }
-        let Some((Next::Jobs(jobs), _)) = q.next_blocking(10, 25, Duration::ZERO) else {
+        let Some((Next::Jobs(jobs), _)) =
+            q.next_blocking(BatchBounds::jobs_and_bytes(10, 25), Duration::ZERO)
+        else {
             panic!("jobs expected")
         };
         assert_eq!(jobs.len(), 2);
-        let Some((Next::Jobs(jobs), _)) = q.next_blocking(10, 5, Duration::ZERO) else {
+        let Some((Next::Jobs(jobs), _)) =
+            q.next_blocking(BatchBounds::jobs_and_bytes(10, 5), Duration::ZERO)
+        else {
             panic!("jobs expected")
         };
         assert_eq!(jobs, vec![J(1, 2)]);
@@ -353,7 +648,8 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let consumer = std::sync::Arc::clone(&q);
         std::thread::spawn(move || {
-            let _ = tx.send(consumer.next_blocking(10, u64::MAX, spin));
+            let _ =
+                tx.send(consumer.next_blocking(BatchBounds::jobs_and_bytes(10, u64::MAX), spin));
         });
         let start = Instant::now();
         while !ready(&q) || start.elapsed() < push_after {
@@ -416,15 +712,18 @@ mod tests {
         q.try_push(1, J(1, 0)).map_err(|e| e.0).expect("push");
         q.push_control("reload").expect("control");
         assert!(matches!(
-            q.next_blocking(10, u64::MAX, Duration::ZERO),
+            q.next_blocking(BatchBounds::jobs_and_bytes(10, u64::MAX), Duration::ZERO),
             Some((Next::Control("reload"), _))
         ));
         q.close();
         assert!(q.try_push(1, J(1, 1)).is_err());
         assert!(matches!(
-            q.next_blocking(10, u64::MAX, Duration::ZERO),
+            q.next_blocking(BatchBounds::jobs_and_bytes(10, u64::MAX), Duration::ZERO),
             Some((Next::Jobs(_), _))
         ));
-        assert!(q.next_blocking(10, u64::MAX, Duration::ZERO).is_none());
+        assert!(
+            q.next_blocking(BatchBounds::jobs_and_bytes(10, u64::MAX), Duration::ZERO)
+                .is_none()
+        );
     }
 }
