@@ -76,7 +76,9 @@ fn one_line(e: &anyhow::Error) -> String {
     line
 }
 
-/// Set on the command this process runs again as, so it never does so twice.
+/// Set to the process ID on the command this process runs again as (exec
+/// keeps the ID), so it never does so twice; a value left in the
+/// environment by another process does not match.
 const REEXEC_MARK: &str = "QUASAR_LAVAPIPE_REEXEC";
 
 /// Makes sure Mesa sees `LP_NUM_THREADS=n`: when the environment says
@@ -90,10 +92,14 @@ fn with_lavapipe_threads(n: u32) -> Result<()> {
     if std::env::var_os("LP_NUM_THREADS").is_some_and(|v| v == wanted.as_str()) {
         return Ok(());
     }
-    if std::env::var_os(REEXEC_MARK).is_some() {
+    let pid = std::process::id().to_string();
+    if std::env::var_os(REEXEC_MARK).is_some_and(|v| v == pid.as_str()) {
         anyhow::bail!("LP_NUM_THREADS is not {wanted} even after starting again with it set");
     }
-    exec_with(&[("LP_NUM_THREADS", wanted.as_str()), (REEXEC_MARK, "1")])
+    exec_with(&[
+        ("LP_NUM_THREADS", wanted.as_str()),
+        (REEXEC_MARK, pid.as_str()),
+    ])
 }
 
 #[cfg(unix)]

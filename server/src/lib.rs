@@ -58,7 +58,7 @@ pub use gpu::{AdapterReport, AdapterSummary, GpuError, LavapipeThreads, list_ada
 pub use kernel::KernelInterface;
 
 use admission::{Admission, Decision};
-use gpu::executor::{GpuExecutor, JobQueue, Kernels};
+use gpu::executor::{BeforePublish, GpuExecutor, JobQueue, Kernels};
 
 /// The server's certificate, key and client CA, as PEM.
 #[derive(Clone)]
@@ -524,10 +524,9 @@ impl Reloader {
     /// Checks everything new first (certificates, key, CRLs, every kernel
     /// parsed and compiled); if any of it is broken, nothing changes and
     /// the error says what. Returns the kernels now loaded. The new policy
-    /// is in force before the new kernels, so a kernel this reload adds is
-    /// never called under the policy before it (a reload whose kernels
-    /// then fail puts the previous policy back). Reloads run one at a
-    /// time.
+    /// goes in force with the new kernels, just before them, so a kernel
+    /// this reload adds is never called under the policy before it.
+    /// Reloads run one at a time.
     ///
     /// # Errors
     /// [`ServerError`] naming the broken part, or [`ServerError::Stopped`].
@@ -542,23 +541,34 @@ impl Reloader {
         let mut server_config = self.base.clone();
         let (crypto, client_check) = server_crypto(&config.tls)?;
         server_config.crypto = tls::quic_crypto(crypto)?;
-        // One reload at a time, so that a failed one puts back the policy
-        // it replaced, not another reload's.
+        // One reload at a time: their policies and kernels go in in order.
         let _one_at_a_time = self.reloading.lock().await;
-        // The policy before the kernels: a call reads the kernels first, so
-        // one that finds a kernel this reload adds is checked against this
-        // policy, never the one before.
-        let previous = self.swap_policy(Arc::new(config.policy))?;
+        // The policy goes in force on the GPU thread once the kernels have
+        // compiled, just before they are published: a call reads the
+        // kernels first, so one that finds a kernel this reload adds is
+        // checked against this policy; a reload whose kernels fail leaves
+        // the policy as it was.
+        let policy = Arc::new(config.policy);
+        let (shared, stopping, gate) = (
+            self.shared.clone(),
+            self.stopping.clone(),
+            self.config_gate.clone(),
+        );
+        let before_publish = BeforePublish::new(move || {
+            let _gate = gate.lock().unwrap_or_else(PoisonError::into_inner);
+            if !stopping.is_cancelled() {
+                *shared
+                    .policy
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner) = policy;
+            }
+        });
         // The kernel swap is the last step that can fail, and it is all or
         // nothing inside the executor.
-        let kernels = match self.control.reload(config.kernel_dir).await {
-            Ok(kernels) => kernels,
-            Err(e) => {
-                // Rejected as a whole: the policy goes back too.
-                let _ = self.swap_policy(previous);
-                return Err(e.into());
-            }
-        };
+        let kernels = self
+            .control
+            .reload(config.kernel_dir, before_publish)
+            .await?;
         let _gate = self.gate()?;
         let in_force = TlsInForce {
             server_config: Arc::new(server_config.clone()),
@@ -587,17 +597,6 @@ impl Reloader {
             return Err(ServerError::Stopped);
         }
         Ok(gate)
-    }
-
-    /// Puts `policy` in force; the one it replaces.
-    fn swap_policy(&self, policy: Arc<Policy>) -> Result<Arc<Policy>, ServerError> {
-        let _gate = self.gate()?;
-        let mut current = self
-            .shared
-            .policy
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        Ok(std::mem::replace(&mut *current, policy))
     }
 
     /// Destroys the GPU device as a driver reset would; the executor

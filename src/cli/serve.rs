@@ -6,8 +6,10 @@
 //! file is rejected with one log line and the running configuration keeps
 //! serving. Other settings (address, limits) take effect on restart.
 //!
-//! Every flag has a key of the same name (with `_` for `-`) in the TOML file
-//! given with `--config`; a flag on the command line wins over the file. The
+//! Every flag but `--lavapipe-threads` (which acts before the file is read;
+//! set `LP_NUM_THREADS` in the service's environment instead) has a key of
+//! the same name (with `_` for `-`) in the TOML file given with
+//! `--config`; a flag on the command line wins over the file. The
 //! file also holds the access policy, in an `[access]` table:
 //!
 //! ```toml
@@ -73,7 +75,7 @@ pub struct ServeArgs {
     /// Most calls encoded into one GPU submission (calls that arrive together share it) [default: 64].
     #[arg(long)]
     max_batch: Option<usize>,
-    /// Most GPU time one submission may take, ms, as estimated from each client's recent calls (a submission always takes one call; calls that run long then go alone rather than make the calls beside them wait) [default: 10].
+    /// Most GPU time one submission may take, ms, as estimated from each client's recent calls (a submission always takes one call, so 0 runs every call alone; calls that run long then go alone rather than make the calls beside them wait) [default: 10].
     #[arg(long)]
     max_batch_ms: Option<u64>,
     /// Request and response bytes held for in-flight calls, all connections together, MiB [default: 1024].

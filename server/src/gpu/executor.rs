@@ -363,10 +363,12 @@ pub struct ExecutorStats {
 #[derive(Debug)]
 enum Control {
     /// Compile and publish these kernels (shipped ones and those in the
-    /// directory, read and parsed off this thread).
+    /// directory, read and parsed off this thread), running `before_publish`
+    /// once they have compiled, just before they are published.
     Reload {
         kernel_dir: Option<PathBuf>,
         sources: Vec<KernelSource>,
+        before_publish: BeforePublish,
         reply: oneshot::Sender<Result<Vec<String>, GpuError>>,
     },
     /// Destroy the device, as a driver reset would: fault injection for
@@ -375,6 +377,32 @@ enum Control {
 }
 
 type Queue = FairQueue<Job, Control>;
+
+/// What a reload does just before its kernels are published, on the GPU
+/// thread: a server puts the policy that comes with them in force.
+pub struct BeforePublish(Box<dyn FnOnce() + Send>);
+
+impl BeforePublish {
+    /// Runs `f` just before the kernels are published.
+    pub fn new(f: impl FnOnce() + Send + 'static) -> Self {
+        Self(Box::new(f))
+    }
+
+    /// Nothing to do.
+    pub fn nothing() -> Self {
+        Self::new(|| {})
+    }
+
+    fn run(self) {
+        (self.0)();
+    }
+}
+
+impl std::fmt::Debug for BeforePublish {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BeforePublish")
+    }
+}
 
 /// The most calls in one submission, whatever the configuration asks: two
 /// timestamp queries per call must fit wgpu's query set limit (4096).
@@ -533,14 +561,19 @@ pub struct ExecutorControl {
 
 impl ExecutorControl {
     /// Loads the shipped kernels and those in `kernel_dir` again and
-    /// compiles them; on success new calls use them (calls already checked
-    /// run with the kernels they were checked against). On failure nothing
-    /// changes.
+    /// compiles them; on success runs `before_publish` and then new calls
+    /// use them (calls already checked run with the kernels they were
+    /// checked against). On failure nothing changes and `before_publish`
+    /// is not run.
     ///
     /// # Errors
     /// [`GpuError`] for a kernel that does not parse or compile, an
     /// unreadable directory, or a stopped executor.
-    pub async fn reload(&self, kernel_dir: Option<PathBuf>) -> Result<Vec<String>, GpuError> {
+    pub async fn reload(
+        &self,
+        kernel_dir: Option<PathBuf>,
+        before_publish: BeforePublish,
+    ) -> Result<Vec<String>, GpuError> {
         // Reading and checking the files happens here, on a blocking
         // thread: the GPU thread keeps running calls meanwhile and only
         // compiles (which needs the device).
@@ -553,6 +586,7 @@ impl ExecutorControl {
             .push_control(Control::Reload {
                 kernel_dir,
                 sources,
+                before_publish,
                 reply,
             })
             .map_err(|_| GpuError::Thread("the GPU executor has stopped".into()))?;
@@ -846,13 +880,14 @@ impl Worker {
             Control::Reload {
                 kernel_dir,
                 sources,
+                before_publish,
                 reply,
             } => {
                 // A panic compiling operator-supplied WGSL fails this
                 // reload with an answer, rather than leaving the caller to
                 // read a dropped reply as a stopped executor.
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    self.reload(kernel_dir, sources)
+                    self.reload(kernel_dir, sources, before_publish)
                 }))
                 .unwrap_or_else(|panic| {
                     Err(GpuError::ReloadPanicked(
@@ -881,16 +916,19 @@ impl Worker {
         &mut self,
         kernel_dir: Option<PathBuf>,
         sources: Vec<KernelSource>,
+        before_publish: BeforePublish,
     ) -> Result<Vec<String>, GpuError> {
         if sources == self.sources {
             // Nothing changed (a certificate rotation, say): no
             // recompiling, which would hold up every call.
+            before_publish.run();
             self.config.kernel_dir = kernel_dir;
             return Ok(self.sources.iter().map(|k| k.name.clone()).collect());
         }
         let version = self.kernels.current().version + 1;
         let (registry, compiled) = self.gpu.registry(&sources, version)?;
         let names = registry.kernels.iter().map(|k| k.name.clone()).collect();
+        before_publish.run();
         self.publish(registry, compiled);
         self.sources = sources;
         self.config.kernel_dir = kernel_dir;
@@ -968,15 +1006,17 @@ impl Worker {
         let gpu = gpu_start.elapsed();
         // Turns go by GPU time: the submission's is charged to the clients
         // of its calls (each call's own pass where timestamps measured it).
-        let charges: Vec<(u64, Option<Duration>)> = match &executed {
-            Ok(outputs) => live
+        // A failed submission is charged to nobody: its calls are run
+        // again one by one (and charged then) or failed for a cause that
+        // names no call (a lost device, a timeout).
+        if let Ok(outputs) = &executed {
+            let charges: Vec<(u64, Option<Duration>)> = live
                 .iter()
                 .zip(outputs)
                 .map(|(job, out)| (job.source, out.as_ref().ok().and_then(|o| o.1)))
-                .collect(),
-            Err(_) => live.iter().map(|job| (job.source, None)).collect(),
-        };
-        self.queue.charge(gpu, &charges);
+                .collect();
+            self.queue.charge(gpu, &charges);
+        }
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         let pool = self.gpu.pool.stats();
         self.stats

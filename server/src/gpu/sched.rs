@@ -131,6 +131,8 @@ struct State<J, C> {
     /// Recent GPU time per call, all sources together, ns: the estimate
     /// for a source with none of its own.
     typical: u64,
+    /// Accounts held when the next pass forgets those no longer needed.
+    prune_at: usize,
     len: usize,
     control: VecDeque<C>,
     closed: bool,
@@ -163,6 +165,7 @@ impl<J: Queued, C> FairQueue<J, C> {
                 accounts: HashMap::new(),
                 floor: 0,
                 typical: 0,
+                prune_at: MIN_PRUNE_AT,
                 len: 0,
                 control: VecDeque::new(),
                 closed: false,
@@ -303,14 +306,18 @@ impl<J: Queued, C> FairQueue<J, C> {
     }
 
     /// Charges a submission's GPU time to the sources of its calls: each
-    /// call its measured time where there is one (GPU timestamps), the
-    /// rest of `batch` split among the others in proportion to their
-    /// sources' recent time per call.
+    /// call its measured time where there is one (GPU timestamps; taken
+    /// as at most the submission's), the rest of `batch` split among the
+    /// others in proportion to their sources' recent time per call.
     pub fn charge(&self, batch: Duration, calls: &[(u64, Option<Duration>)]) {
         if calls.is_empty() {
             return;
         }
         let mut s = self.lock();
+        let calls: Vec<(u64, Option<Duration>)> = calls
+            .iter()
+            .map(|&(source, exact)| (source, exact.map(|d| d.min(batch))))
+            .collect();
         let measured: u128 = calls.iter().filter_map(|c| c.1).map(|d| d.as_nanos()).sum();
         let rest = batch.as_nanos().saturating_sub(measured);
         // Each call's weight as things stand before this charge changes
@@ -338,9 +345,17 @@ impl<J: Queued, C> FairQueue<J, C> {
             account.vtime = account.vtime.saturating_add(ns);
             account.per_call = ewma(account.per_call, ns);
         }
-        // Forget sources that are neither queued nor owing, now and then
-        // rather than on every charge.
-        if s.accounts.len() > 2 * s.queues.len() + 64 {
+        if s.len == 0 {
+            // Nobody waits: time used meanwhile cost nobody a turn, so
+            // every debt is settled (the virtual clock moves to the
+            // furthest account, as in start-time fair queuing).
+            let furthest = s.accounts.values().map(|a| a.vtime).max().unwrap_or(0);
+            s.floor = s.floor.max(furthest);
+        }
+        // Forget sources that are neither queued nor owing, once the
+        // accounts have doubled since the last time: amortised, so a
+        // stream of short-lived clients never makes every charge scan them.
+        if s.accounts.len() >= s.prune_at {
             let State {
                 accounts,
                 queues,
@@ -348,9 +363,13 @@ impl<J: Queued, C> FairQueue<J, C> {
                 ..
             } = &mut *s;
             accounts.retain(|source, a| queues.contains_key(source) || a.vtime > *floor);
+            s.prune_at = (2 * s.accounts.len()).max(MIN_PRUNE_AT);
         }
     }
 }
+
+/// Accounts kept at least before the first pass that forgets some.
+const MIN_PRUNE_AT: usize = 64;
 
 /// A running average that gives the newest value a quarter of its weight
 /// (the first value whole).
@@ -549,27 +568,48 @@ mod tests {
     fn a_source_that_comes_back_starts_level_but_keeps_what_it_owes() {
         let q: FairQueue<J, ()> = FairQueue::new(100, 100);
         q.try_push(1, J(1, 0)).map_err(|e| e.0).expect("push");
-        let _ = batch(&q, 1);
-        q.charge(Duration::from_millis(50), &[(1, None)]);
-        // Source 1's queue is empty now, but it owes 50 ms; source 2
-        // joins at the floor.
-        q.try_push(1, J(1, 1)).map_err(|e| e.0).expect("push");
         q.try_push(2, J(2, 0)).map_err(|e| e.0).expect("push");
+        assert_eq!(batch(&q, 1), vec![J(1, 0)]);
+        // Source 1 used 50 ms while source 2 waited: it owes them, though
+        // its queue was empty meanwhile.
+        q.charge(Duration::from_millis(50), &[(1, None)]);
+        q.try_push(1, J(1, 1)).map_err(|e| e.0).expect("push");
         {
             let s = q.lock();
-            assert_eq!(s.accounts[&1].vtime, s.floor + 50_000_000);
-            assert_eq!(s.accounts[&2].vtime, s.floor);
+            assert_eq!(s.accounts[&1].vtime, s.accounts[&2].vtime + 50_000_000);
         }
         assert_eq!(batch(&q, 1), vec![J(2, 0)], "source 1 waits its turn");
-        // Time spent idle is not saved up: after more work, a source
-        // that joins starts at the new floor, not at zero.
-        q.charge(Duration::from_millis(60), &[(2, None)]);
+        q.charge(Duration::from_millis(1), &[(2, None)]);
         assert_eq!(batch(&q, 1), vec![J(1, 1)]);
+        // Nobody waits now: the debts are settled, and a source that joins
+        // starts level with the furthest, saving up no idle time.
         q.charge(Duration::from_millis(1), &[(1, None)]);
-        q.try_push(3, J(3, 0)).map_err(|e| e.0).expect("push");
+        q.try_push(2, J(2, 1)).map_err(|e| e.0).expect("push");
         let s = q.lock();
-        assert_eq!(s.accounts[&3].vtime, s.floor);
-        assert!(s.floor >= 50_000_000, "{}", s.floor);
+        assert_eq!(s.floor, 51_000_000);
+        assert_eq!(s.accounts[&2].vtime, s.floor);
+    }
+
+    #[test]
+    fn short_lived_sources_are_forgotten() {
+        let q: FairQueue<J, ()> = FairQueue::new(100, 100);
+        // A long-lived source keeps the queue busy while a thousand
+        // others come once each.
+        for i in 0..1000u64 {
+            q.try_push(1, J(1, 0)).map_err(|e| e.0).expect("push");
+            q.try_push(10 + i, J(10 + i, 0))
+                .map_err(|e| e.0)
+                .expect("push");
+            let jobs = batch(&q, 2);
+            let charges: Vec<_> = jobs.iter().map(|j| (j.0, None)).collect();
+            q.charge(Duration::from_millis(1), &charges);
+        }
+        let s = q.lock();
+        assert!(
+            s.accounts.len() <= 2 * MIN_PRUNE_AT,
+            "{} accounts",
+            s.accounts.len()
+        );
     }
 
     #[test]
