@@ -12,6 +12,7 @@
 //! not get it a fresh budget either.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, TryLockError, Weak};
 use std::time::{Duration, Instant};
@@ -49,14 +50,17 @@ const SWEEP_ALL_EVERY: Duration = Duration::from_millis(10);
 #[derive(Debug, Default)]
 struct Live {
     by_identity: HashMap<Key, Weak<Client>>,
-    /// The last number given to a client. In-process callers are source 0
-    /// of the GPU queue, so clients count from 1.
-    last_id: u64,
+    /// Numbers identities: a hash of the names with keys of this server's
+    /// own, so an identity keeps its number (and the GPU time it owes)
+    /// across its connections, and nobody can pick names that collide
+    /// with another's.
+    ids: RandomState,
 }
 
 /// One client: shared by its connections and its calls' reservations.
 pub(crate) struct Client {
-    /// Numbers the client for the GPU queue's turns and bounds.
+    /// Numbers the client for the GPU queue's turns and bounds: the same
+    /// number whenever the identity comes back, for the server's life.
     pub(crate) id: u64,
     /// The client's in-flight byte budget, in KiB.
     pub(crate) budget: Arc<Budget>,
@@ -154,9 +158,10 @@ impl Clients {
         if let Some(client) = live.by_identity.get(&key).and_then(Weak::upgrade) {
             return client;
         }
-        live.last_id += 1;
+        // In-process callers are source 0 of the GPU queue.
+        let id = live.ids.hash_one(&key).max(1);
         let client = Arc::new(Client {
-            id: live.last_id,
+            id,
             budget: Budget::new(self.budget_kib),
             lingering: Mutex::default(),
             key: key.clone(),
@@ -234,7 +239,11 @@ mod tests {
         drop(a2);
         assert_eq!(clients.len(), 1, "a is forgotten with its last connection");
         let again = clients.join(&named("a"));
-        assert_ne!(again.id, a_id, "a new client, with a fresh budget");
+        assert_eq!(
+            again.id, a_id,
+            "a new client with a fresh budget, but the same number in the GPU queue, \
+             where the time it owes is still owed"
+        );
         assert!(again.budget.try_take(100).is_some());
     }
 }

@@ -12,8 +12,10 @@
 //! After each submission the executor charges its measured time to the
 //! sources of its calls ([`FairQueue::charge`]). A source that joins (or
 //! comes back) starts level with the least-charged source queued, so time
-//! spent idle is not saved up; time used beyond that is remembered while
-//! it is owed. Both the whole queue and each source's share of it are
+//! spent idle is not saved up; time used beyond that, while others
+//! waited, is owed until they have had theirs (a client keeps its source
+//! number across its connections, so reconnecting settles nothing), and
+//! when nobody waits every debt is settled. Both the whole queue and each source's share of it are
 //! bounded, and submission never waits: past either bound the call is
 //! refused at once (ResourceExhausted), so a flooding client is held back
 //! without holding anyone else back.
