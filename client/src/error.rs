@@ -148,11 +148,13 @@ impl CallError {
             Self::Connection(quinn::ConnectionError::LocallyClosed) => false,
             // The server refused this client's certificate (revoked, say):
             // a new connection with it would be refused the same way.
-            Self::Connection(lost) | Self::Reconnect { lost, .. } if refuses_client(lost) => false,
-            Self::Reconnect { source, .. } if matches!(source.as_ref(), ConnectError::Handshake(e) if refuses_client(e)) => {
-                false
+            Self::Connection(lost) => !refuses_client(lost),
+            Self::Reconnect { lost, source } => {
+                let refused_again =
+                    matches!(source.as_ref(), ConnectError::Handshake(e) if refuses_client(e));
+                !(refuses_client(lost) || refused_again)
             }
-            Self::Connection(_) | Self::AttemptTimeout(_) | Self::Reconnect { .. } => true,
+            Self::AttemptTimeout(_) => true,
             Self::Status { code, .. } => *code == StatusCode::Unavailable,
             // A stream that failed on a live connection (a reply over this
             // client's limits, a reset) would fail the same way again.

@@ -52,14 +52,6 @@ impl Identity {
         Self { names }
     }
 
-    /// The identity of a connection's peer (its first certificate).
-    pub fn of_connection(conn: &quinn::Connection) -> Self {
-        peer_chain(conn)
-            .first()
-            .map(|c| Self::from_cert(c))
-            .unwrap_or_default()
-    }
-
     /// An identity of these names, as a certificate would give them.
     #[cfg(test)]
     pub(crate) fn from_names(names: Vec<String>) -> Self {

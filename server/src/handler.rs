@@ -299,7 +299,11 @@ pub(crate) async fn connection(
         }
     };
     slot.established();
-    let identity = Identity::of_connection(&conn);
+    let chain = peer_chain(&conn);
+    let identity = chain
+        .first()
+        .map(|c| Identity::from_cert(c))
+        .unwrap_or_default();
     if identity.names().is_empty() {
         // Access is decided by identity: a certificate with none must not
         // fall to the policy's default (fail closed).
@@ -326,6 +330,7 @@ pub(crate) async fn connection(
     // watching; closing the connection ends the loop.
     let recheck = tokio::spawn(close_if_refused(
         conn.clone(),
+        chain,
         tls_watch,
         shared.recheck_permits.clone(),
         stats.clone(),
@@ -376,13 +381,14 @@ pub(crate) async fn connection(
 /// reload with many connections open does not stall the runtime.
 async fn close_if_refused(
     conn: quinn::Connection,
+    chain: Vec<rustls_pki_types::CertificateDer<'static>>,
     mut tls_watch: watch::Receiver<TlsInForce>,
     permits: Arc<Semaphore>,
     stats: Arc<ConnectionStats>,
     remote: SocketAddr,
     identity: String,
 ) {
-    let chain = Arc::new(peer_chain(&conn));
+    let chain = Arc::new(chain);
     let refuse = |reason: &str| {
         stats.certificates_refused.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(

@@ -214,12 +214,20 @@ struct Trust {
     crls: Vec<Vec<u8>>,
 }
 
-impl Trust {
-    fn of(pem: &TlsPem) -> Arc<Self> {
-        Arc::new(Self {
-            client_ca: pem.client_ca.clone(),
-            crls: pem.crls.clone(),
-        })
+impl TlsInForce {
+    fn new(
+        server_config: quinn::ServerConfig,
+        client_check: Arc<dyn ClientCertVerifier>,
+        pem: &TlsPem,
+    ) -> Self {
+        Self {
+            server_config: Arc::new(server_config),
+            client_check,
+            trust: Arc::new(Trust {
+                client_ca: pem.client_ca.clone(),
+                crls: pem.crls.clone(),
+            }),
+        }
     }
 }
 
@@ -306,11 +314,11 @@ impl Server {
             min_transfer_rate: config.min_transfer_rate,
             policy: RwLock::new(Arc::new(config.policy.clone())),
             access_log: config.access_log,
-            tls: watch::Sender::new(TlsInForce {
-                server_config: Arc::new(server_config.clone()),
+            tls: watch::Sender::new(TlsInForce::new(
+                server_config.clone(),
                 client_check,
-                trust: Trust::of(&config.tls),
-            }),
+                &config.tls,
+            )),
             recheck_permits: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(1, usize::from),
             )),
@@ -489,6 +497,17 @@ fn server_crypto(
     ))
 }
 
+/// The right to change what the server runs under, held while it does;
+/// none once the server is stopping (which takes it to turn new
+/// handshakes off for good).
+fn gate<'a>(
+    config_gate: &'a Mutex<()>,
+    stopping: &CancellationToken,
+) -> Option<std::sync::MutexGuard<'a, ()>> {
+    let guard = config_gate.lock().unwrap_or_else(PoisonError::into_inner);
+    (!stopping.is_cancelled()).then_some(guard)
+}
+
 /// What a reload replaces: everything else needs a restart.
 #[derive(Debug, Clone)]
 pub struct ReloadConfig {
@@ -549,14 +568,13 @@ impl Reloader {
         // checked against this policy; a reload whose kernels fail leaves
         // the policy as it was.
         let policy = Arc::new(config.policy);
-        let (shared, stopping, gate) = (
+        let (shared, stopping, config_gate) = (
             self.shared.clone(),
             self.stopping.clone(),
             self.config_gate.clone(),
         );
         let before_publish = BeforePublish::new(move || {
-            let _gate = gate.lock().unwrap_or_else(PoisonError::into_inner);
-            if !stopping.is_cancelled() {
+            if let Some(_gate) = gate(&config_gate, &stopping) {
                 *shared
                     .policy
                     .write()
@@ -569,12 +587,8 @@ impl Reloader {
             .control
             .reload(config.kernel_dir, before_publish)
             .await?;
-        let _gate = self.gate()?;
-        let in_force = TlsInForce {
-            server_config: Arc::new(server_config.clone()),
-            client_check,
-            trust: Trust::of(&config.tls),
-        };
+        let _gate = gate(&self.config_gate, &self.stopping).ok_or(ServerError::Stopped)?;
+        let in_force = TlsInForce::new(server_config.clone(), client_check, &config.tls);
         self.endpoint.set_server_config(Some(server_config));
         self.shared.tls.send_if_modified(|tls| {
             let trust_changed = tls.trust != in_force.trust;
@@ -583,20 +597,6 @@ impl Reloader {
         });
         tracing::info!(kernels = kernels.len(), "configuration reloaded");
         Ok(kernels)
-    }
-
-    /// The right to change what the server runs under: held while it
-    /// does, refused once the server is stopping (which takes it to turn
-    /// new handshakes off for good).
-    fn gate(&self) -> Result<std::sync::MutexGuard<'_, ()>, ServerError> {
-        let gate = self
-            .config_gate
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if self.stopping.is_cancelled() {
-            return Err(ServerError::Stopped);
-        }
-        Ok(gate)
     }
 
     /// Destroys the GPU device as a driver reset would; the executor

@@ -388,11 +388,6 @@ impl BeforePublish {
         Self(Box::new(f))
     }
 
-    /// Nothing to do.
-    pub fn nothing() -> Self {
-        Self::new(|| {})
-    }
-
     fn run(self) {
         (self.0)();
     }

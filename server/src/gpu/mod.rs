@@ -50,7 +50,8 @@ pub struct AdapterSummary {
 /// sleep on each side), which on a 2-vCPU VM costs more than a small
 /// kernel's own work, while 0 threads runs every dispatch on lavapipe's
 /// queue thread and so a large kernel on one CPU (BENCHMARKS.md,
-/// "lavapipe's compute threads"). `quasar --lavapipe-threads N` sets it;
+/// "lavapipe's compute threads"). `quasar serve --lavapipe-threads N`
+/// (and `bench`, `demo`, `info`) sets it;
 /// a program embedding the server sets `LP_NUM_THREADS` in the
 /// environment it starts with (changing a running process's environment
 /// races with C code reading it).

@@ -15,8 +15,9 @@
 //! spent idle is not saved up; time used beyond that, while others
 //! waited, is owed until they have had theirs (a client keeps its source
 //! number across its connections, so reconnecting settles nothing), and
-//! when nobody waits every debt is settled. Both the whole queue and each source's share of it are
-//! bounded, and submission never waits: past either bound the call is
+//! when nobody waits every debt is settled. Both the whole queue and each
+//! source's share of it are bounded, and submission never waits: past
+//! either bound the call is
 //! refused at once (ResourceExhausted), so a flooding client is held back
 //! without holding anyone else back.
 //!
@@ -127,8 +128,9 @@ struct State<J, C> {
     ring: VecDeque<u64>,
     /// Sources queued, or owing time; others are forgotten.
     accounts: HashMap<u64, Account>,
-    /// The least charged time of a source queued when the GPU thread last
-    /// took work: where a joining source starts.
+    /// Where a joining source starts: the least charged time of a source
+    /// queued when the GPU thread last took work, or the furthest of all
+    /// once nobody waits (every debt settled).
     floor: u64,
     /// Recent GPU time per call, all sources together, ns: the estimate
     /// for a source with none of its own.
@@ -316,27 +318,22 @@ impl<J: Queued, C> FairQueue<J, C> {
             return;
         }
         let mut s = self.lock();
-        let calls: Vec<(u64, Option<Duration>)> = calls
-            .iter()
-            .map(|&(source, exact)| (source, exact.map(|d| d.min(batch))))
-            .collect();
-        let measured: u128 = calls.iter().filter_map(|c| c.1).map(|d| d.as_nanos()).sum();
+        // A measured time is taken as at most the submission's.
+        let exact = |e: Option<Duration>| e.map(|d| d.min(batch).as_nanos());
+        let measured: u128 = calls.iter().filter_map(|c| exact(c.1)).sum();
         let rest = batch.as_nanos().saturating_sub(measured);
         // Each call's weight as things stand before this charge changes
         // them, so that the shares add up to the batch.
         let weights: Vec<u128> = calls
             .iter()
-            .map(|&(source, exact)| match exact {
+            .map(|&(source, e)| match e {
                 Some(_) => 0,
                 None => u128::from(estimate(&s, source)),
             })
             .collect();
         let total: u128 = weights.iter().sum::<u128>().max(1);
-        for (&(source, exact), weight) in calls.iter().zip(weights) {
-            let ns = match exact {
-                Some(d) => d.as_nanos(),
-                None => rest * weight / total,
-            };
+        for (&(source, e), weight) in calls.iter().zip(weights) {
+            let ns = exact(e).unwrap_or(rest * weight / total);
             let ns = u64::try_from(ns).unwrap_or(u64::MAX);
             s.typical = ewma(s.typical, ns);
             let floor = s.floor;
@@ -454,7 +451,8 @@ fn take<J: Queued, C>(s: &mut State<J, C>, bounds: BatchBounds) -> Vec<J> {
         s.len -= 1;
         out.push(job);
     }
-    s.ring = turns.into_iter().map(|t| t.source).collect();
+    s.ring.clear();
+    s.ring.extend(turns.into_iter().map(|t| t.source));
     out
 }
 
