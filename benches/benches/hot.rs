@@ -2,7 +2,8 @@
 //! copy-once: the fair queue's push and batch take, copying a payload out
 //! of QUIC's chunks (against one contiguous copy of the same bytes), and a
 //! call's shares of the in-flight byte budgets (against the tokio
-//! semaphores they replaced).
+//! semaphores they replaced), and choosing which calls of a batch share a
+//! fused dispatch.
 //!
 //! `cargo bench -p quasar-benches --bench hot`
 
@@ -16,6 +17,8 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use quasar_server::budget::Budget;
 use quasar_server::gpu::sched::{BatchBounds, FairQueue, Next, Queued};
+use quasar_server::kernel::fuse::{Candidate, group_calls};
+use quasar_server::kernel::plan::DeviceCaps;
 use quasar_transport::io::ChunkedPayload;
 
 struct Job(u64);
@@ -108,5 +111,31 @@ fn budgets(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, fair_queue, chunked_copy, budgets);
+fn fusion(c: &mut Criterion) {
+    let mut g = c.benchmark_group("fusion");
+    g.throughput(Throughput::Elements(64));
+    // A batch of 64 saxpy-like calls (two buffers, one argument block) from
+    // 8 clients, grouped into one fused dispatch per client.
+    let caps = DeviceCaps {
+        max_workgroups_per_dim: 65_535,
+        max_storage_binding: 128 << 20,
+        max_buffer_size: 256 << 20,
+    };
+    let lens = [1024u64, 1024];
+    g.bench_function("group_64_calls_from_8_clients", |b| {
+        b.iter(|| {
+            let calls = (0..64u64).map(|i| {
+                Some(Candidate {
+                    key: (0, 0, i % 8),
+                    lens: &lens,
+                    params_bytes: 4,
+                })
+            });
+            black_box(group_calls(calls, &caps))
+        });
+    });
+    g.finish();
+}
+
+criterion_group!(benches, fair_queue, chunked_copy, budgets, fusion);
 criterion_main!(benches);

@@ -135,6 +135,10 @@ pub struct BenchArgs {
         0..=u64::try_from(MAX_IDLE_SPIN.as_micros()).unwrap_or(u64::MAX)
     ))]
     gpu_idle_spin_us: Option<u64>,
+    /// --embedded and --compare-local: run calls of one kernel that meet in
+    /// a batch as one dispatch, as `quasar serve --fuse-calls`.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    fuse_calls: bool,
     /// Seed for random inputs.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -239,12 +243,14 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     let mut gpu = GpuConfig {
         kernel_dir: a.kernels.clone(),
         timestamps: a.gpu_timestamps.into(),
+        fuse_calls: a.fuse_calls,
         ..GpuConfig::default()
     };
     if let Some(us) = a.gpu_idle_spin_us {
         gpu.idle_spin = Duration::from_micros(us);
     }
     let idle_spin = gpu.idle_spin;
+    let fuse_calls = gpu.fuse_calls;
     let tuning = QuicTuning {
         max_udp_payload: a.max_udp_payload.unwrap_or(tls::MAX_UDP_PAYLOAD),
         ..QuicTuning::default()
@@ -258,6 +264,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
             c.gpu.kernel_dir = dir;
             c.gpu.timestamps = timestamps;
             c.gpu.idle_spin = idle_spin;
+            c.gpu.fuse_calls = fuse_calls;
             // The bench decides the load; let the GPU queue hold all of it.
             // Its connections are one client (one certificate), so the
             // per-client bounds are the totals.
@@ -507,9 +514,13 @@ pub async fn run(a: BenchArgs) -> Result<()> {
             .load(std::sync::atomic::Ordering::Relaxed);
         let spun = stats.waits_spun.load(std::sync::atomic::Ordering::Relaxed);
         let slept = stats.waits_slept.load(std::sync::atomic::Ordering::Relaxed);
+        let fused = stats.fused_calls.load(std::sync::atomic::Ordering::Relaxed);
+        let fused_dispatches = stats
+            .fused_dispatches
+            .load(std::sync::atomic::Ordering::Relaxed);
         if batches > 0 {
             eprintln!(
-                "server GPU executor: {calls} calls in {batches} submissions ({:.1} calls per submission), {created} GPU buffers created; the GPU thread found work while spinning {spun} times, was woken from sleep {slept} times",
+                "server GPU executor: {calls} calls in {batches} submissions ({:.1} calls per submission), {fused} of them fused into {fused_dispatches} dispatches, {created} GPU buffers created; the GPU thread found work while spinning {spun} times, was woken from sleep {slept} times",
                 calls as f64 / batches as f64
             );
         }

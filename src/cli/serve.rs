@@ -136,6 +136,12 @@ pub struct ServeArgs {
     /// [default: 150; 0 on a host with one CPU].
     #[arg(long)]
     gpu_idle_spin_us: Option<u64>,
+    /// Run calls of one kernel and one client that meet in a GPU submission as one dispatch, for kernels declared `flexible_workgroups` (a dispatch costs more than a small call's own work) [default: true].
+    #[arg(long)]
+    fuse_calls: Option<bool>,
+    /// Fuse only calls whose buffers take at most this many KiB: a large call's own work dwarfs a dispatch's cost [default: 64].
+    #[arg(long)]
+    max_fused_call_kib: Option<u64>,
     /// Log every call (identity, kernel, status, time) at info level [default: true].
     #[arg(long)]
     access_log: Option<bool>,
@@ -174,6 +180,8 @@ struct FileConfig {
     grace_s: Option<u64>,
     gpu_timestamps: Option<Timestamps>,
     gpu_idle_spin_us: Option<u64>,
+    fuse_calls: Option<bool>,
+    max_fused_call_kib: Option<u64>,
     access_log: Option<bool>,
     #[serde(default)]
     access: Policy,
@@ -301,6 +309,13 @@ pub async fn config(a: ServeArgs) -> Result<ServerConfig> {
         &mut config.gpu.timestamps,
         a.gpu_timestamps.or(f.gpu_timestamps).map(Into::into),
     );
+    set(&mut config.gpu.fuse_calls, a.fuse_calls.or(f.fuse_calls));
+    set(
+        &mut config.gpu.max_fused_call_bytes,
+        a.max_fused_call_kib
+            .or(f.max_fused_call_kib)
+            .map(|k| k.saturating_mul(1024)),
+    );
     if let Some(us) = a.gpu_idle_spin_us.or(f.gpu_idle_spin_us) {
         let most = quasar_server::MAX_IDLE_SPIN.as_micros();
         anyhow::ensure!(
@@ -403,8 +418,9 @@ pub async fn run(a: ServeArgs) -> Result<()> {
     let rules = config.policy.rules.len();
     let max_udp_payload = config.quic.max_udp_payload;
     let gpu_idle_spin_us = config.gpu.idle_spin.as_micros();
+    let fuse_calls = config.gpu.fuse_calls;
     let server = Server::bind(config).await.context("starting the server")?;
-    tracing::info!(adapter = %server.adapter(), gpu_idle_spin_us, "GPU adapter");
+    tracing::info!(adapter = %server.adapter(), gpu_idle_spin_us, fuse_calls, "GPU adapter");
     for k in server.kernels() {
         tracing::info!(kernel = %k.name, interface = %k.signature(), "kernel loaded");
     }

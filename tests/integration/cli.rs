@@ -294,6 +294,7 @@ client_ca = "pki/ca.pem"
 queue_depth = 64
 max_udp_payload = 6000
 gpu_idle_spin_us = 40
+fuse_calls = false
 
 [access]
 default = "deny"
@@ -333,6 +334,7 @@ kernels = ["add"]
     assert!(log.contains("rules=1"), "{log}");
     assert!(log.contains("max_udp_payload=6000"), "{log}");
     assert!(log.contains("gpu_idle_spin_us=40"), "{log}");
+    assert!(log.contains("fuse_calls=false"), "{log}");
     let call = |who: &str| {
         quasar(&[
             "call",

@@ -13,6 +13,7 @@
 //! - [`plan`]: checks a request against an interface and derives everything
 //!   the GPU executor needs ([`plan::CallPlan`]), as a plain function.
 
+pub mod fuse;
 pub mod plan;
 pub mod rules;
 
