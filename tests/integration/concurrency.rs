@@ -226,7 +226,15 @@ async fn samples_at_once(
             } else {
                 rng.random_range(1..20_000)
             };
-            let s = Sample::for_kernel(kernel, size, &mut rng).expect("sample");
+            // Each histogram call its own arguments (and output length),
+            // so fused calls' argument blocks and parts differ too.
+            let s = if kernel == "histogram" {
+                let bins = rng.random_range(1..=300);
+                let width = rng.random_range(1..=40);
+                Sample::histogram(size, bins, width, &mut rng)
+            } else {
+                Sample::for_kernel(kernel, size, &mut rng).expect("sample")
+            };
             let r = client
                 .execute(call_for(&s))
                 .await

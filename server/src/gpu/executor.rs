@@ -1414,6 +1414,15 @@ impl Worker {
                 shared_by,
             }));
         }
+        if let (Some(BatchError::Validation(why)), false) = (&failure, groups.is_empty()) {
+            // The calls run again one by one, unfused: said aloud, since a
+            // fault of the fused form would repeat on every batch.
+            tracing::warn!(
+                %why,
+                fused_dispatches = groups.len(),
+                "a batch with fused dispatches failed validation; its calls run again one by one"
+            );
+        }
         if failure.is_none() {
             let calls: usize = groups.iter().map(|g| g.calls.len()).sum();
             self.stats

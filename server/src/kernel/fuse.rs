@@ -944,6 +944,13 @@ mod tests {
             }
         }
         assert_eq!(accesses, 2);
+
+        // A barrier in a loop bounded by the call's length stays in
+        // uniform control flow (the length comes from a read-only table).
+        let barrier = format!(
+            "{HEAD}var<workgroup> t: array<f32, 64>;\n@compute @workgroup_size(64) fn main(@builtin(local_invocation_index) l: u32) {{ for (var i = 0u; i < arrayLength(&y); i += 64u) {{ t[l] = y[min(i + l, arrayLength(&y) - 1u)]; workgroupBarrier(); y[i] = t[0]; workgroupBarrier(); }} }}"
+        );
+        fused("barrier", &barrier).unwrap_or_else(|e| panic!("{e}"));
         assert!(
             !fun.expressions
                 .iter()
@@ -956,6 +963,12 @@ mod tests {
                     "{HEAD}fn fetch(i: u32) -> f32 {{ return y[i]; }}\n@compute @workgroup_size(64) fn main() {{ y[0] = fetch(1u); }}"
                 ),
                 "function `fetch` uses a buffer",
+            ),
+            (
+                format!(
+                    "{HEAD}struct In {{ @builtin(global_invocation_id) g: vec3<u32> }}\n@compute @workgroup_size(64) fn main(i: In) {{ y[i.g.x] = 1.0; }}"
+                ),
+                "which fused dispatches do not support",
             ),
             (
                 format!("{HEAD}@compute @workgroup_size(64) fn main() {{ y[0] = 1.0; }}")
