@@ -9,11 +9,12 @@
 //! `max_batch_time`), charges the submission's time back to the clients
 //! of its calls, and encodes the calls into one
 //! command buffer, submits once and waits once: calls that arrive together
-//! share the cost of a submission, and a lone call is run at once. Calls of
-//! one kernel and one client in a batch run as one dispatch where the
-//! kernel can be fused ([`crate::kernel::fuse`]), since a dispatch costs
-//! more than a small call's own work (on lavapipe most of all). Only this
-//! thread calls the blocking `device.poll`. A job whose caller has gone away
+//! share the cost of a submission, and a lone call is run at once. Small
+//! 1-D calls (at most [`GpuConfig::max_fused_call_bytes`]) of one kernel and
+//! one client in a batch run as one dispatch where the kernel can be fused
+//! ([`crate::kernel::fuse`]), since a dispatch costs more than a small
+//! call's own work (on lavapipe most of all). Only this thread calls the
+//! blocking `device.poll`. A job whose caller has gone away
 //! or whose deadline has passed is dropped before it touches the GPU.
 //!
 //! The kernels live in a [`Registry`] published through [`Kernels`]: a job
@@ -694,6 +695,8 @@ struct Worker {
     kernels: Arc<Kernels>,
     stats: Arc<ExecutorStats>,
     queue: Arc<Queue>,
+    /// The kernels (version, index) of the last batch's fused dispatches.
+    fused_in_last: Vec<(u64, usize)>,
 }
 
 type Ready = (AdapterSummary, Arc<Kernels>);
@@ -896,6 +899,7 @@ impl Worker {
             kernels: kernels.clone(),
             stats,
             queue,
+            fused_in_last: Vec::new(),
         };
         Ok((worker, (summary, kernels)))
     }
@@ -952,7 +956,9 @@ impl Worker {
                         );
                     }
                 }
-                Next::Jobs(jobs) => self.run_batch(jobs),
+                Next::Jobs(jobs) => {
+                    self.run_batch(jobs);
+                }
             }
         }
         tracing::debug!("GPU executor stopped");
@@ -1056,7 +1062,8 @@ impl Worker {
         }
     }
 
-    fn run_batch(&mut self, jobs: Vec<Job>) {
+    /// Runs a batch and answers its calls; how many failed validation.
+    fn run_batch(&mut self, jobs: Vec<Job>) -> usize {
         let now = Instant::now();
         let mut live = Vec::with_capacity(jobs.len());
         for job in jobs {
@@ -1073,7 +1080,7 @@ impl Worker {
             }
         }
         if live.is_empty() {
-            return;
+            return 0;
         }
         let gpu_start = Instant::now();
         // A panic inside wgpu fails these calls, not the server: the
@@ -1142,28 +1149,62 @@ impl Worker {
                     });
                     let _ = reply.send(result);
                 }
+                0
             }
             Err(BatchError::Validation(_)) if batch > 1 => {
-                // Find the call at fault: each runs again on its own.
+                // Find the call at fault: each runs again on its own (and
+                // so unfused).
                 tracing::debug!(
                     calls = batch,
                     "a batch failed validation; running its calls one by one"
                 );
+                let fused = std::mem::take(&mut self.fused_in_last);
+                let mut failed = 0;
                 for job in live {
-                    self.run_batch(vec![job]);
+                    failed += self.run_batch(vec![job]);
                 }
+                if failed == 0 {
+                    // Every call passed alone: the fused form was at fault,
+                    // and would be again on every batch.
+                    for (version, kernel) in fused {
+                        self.unfuse(version, kernel);
+                    }
+                }
+                failed
             }
             Err(BatchError::Validation(message)) => {
                 self.stats.calls.fetch_add(batch as u64, Ordering::Relaxed);
                 for job in live {
                     let _ = job.reply.send(Err(ExecError::Gpu(message.clone())));
                 }
+                batch
             }
             Err(BatchError::All(e)) => {
                 for job in live {
                     let _ = job.reply.send(Err(e.clone()));
                 }
+                0
             }
+        }
+    }
+
+    /// Stops fusing calls of a kernel (of one kernel set), for good.
+    fn unfuse(&mut self, version: u64, kernel: usize) {
+        let Some(set) = self.compiled.iter_mut().find(|c| c.version == version) else {
+            return;
+        };
+        if let Some(k) = set.kernels.get_mut(kernel)
+            && k.fused.take().is_some()
+        {
+            let name = set
+                .registry
+                .upgrade()
+                .and_then(|r| r.kernels.get(kernel).map(|k| k.name.clone()))
+                .unwrap_or_default();
+            tracing::warn!(
+                kernel = %name,
+                "calls of this kernel failed validation fused and passed alone; they are no longer fused"
+            );
         }
     }
 
@@ -1187,6 +1228,11 @@ impl Worker {
         } else {
             Vec::new()
         };
+        self.fused_in_last = fused
+            .iter()
+            .filter_map(|calls| calls.first().and_then(|&i| jobs.get(i)))
+            .map(|job| (job.kernels.version, job.plan.kernel))
+            .collect();
         // Each call alone, or each group, is one pass (timed as one).
         let mut in_group = vec![None; jobs.len()];
         for (g, calls) in fused.iter().enumerate() {
@@ -1420,7 +1466,7 @@ impl Worker {
             tracing::warn!(
                 %why,
                 fused_dispatches = groups.len(),
-                "a batch with fused dispatches failed validation; its calls run again one by one"
+                "a batch with fused dispatches failed validation; its calls run again one by one, unfused"
             );
         }
         if failure.is_none() {

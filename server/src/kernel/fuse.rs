@@ -950,7 +950,13 @@ mod tests {
         let barrier = format!(
             "{HEAD}var<workgroup> t: array<f32, 64>;\n@compute @workgroup_size(64) fn main(@builtin(local_invocation_index) l: u32) {{ for (var i = 0u; i < arrayLength(&y); i += 64u) {{ t[l] = y[min(i + l, arrayLength(&y) - 1u)]; workgroupBarrier(); y[i] = t[0]; workgroupBarrier(); }} }}"
         );
-        fused("barrier", &barrier).unwrap_or_else(|e| panic!("{e}"));
+        let b = fused("barrier", &barrier).unwrap_or_else(|e| panic!("{e}"));
+        let exprs = &b.module.entry_points[0].function.expressions;
+        assert!(
+            !exprs
+                .iter()
+                .any(|(_, e)| matches!(e, Expression::ArrayLength(_)))
+        );
         assert!(
             !fun.expressions
                 .iter()
