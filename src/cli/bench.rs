@@ -139,6 +139,14 @@ pub struct BenchArgs {
     /// a batch as one dispatch, as `quasar serve --fuse-calls`.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     fuse_calls: bool,
+    /// --embedded and --compare-local: fuse only calls of at most this many
+    /// KiB of buffers, as `quasar serve --max-fused-call-kib` [default: 64].
+    #[arg(long)]
+    max_fused_call_kib: Option<u64>,
+    /// --embedded and --compare-local: most GPU time one submission may
+    /// take, ms, as `quasar serve --max-batch-ms` [default: 10].
+    #[arg(long)]
+    max_batch_ms: Option<u64>,
     /// Seed for random inputs.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -250,7 +258,15 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         gpu.idle_spin = Duration::from_micros(us);
     }
     let idle_spin = gpu.idle_spin;
+    if let Some(kib) = a.max_fused_call_kib {
+        gpu.max_fused_call_bytes = kib.saturating_mul(1024);
+    }
+    if let Some(ms) = a.max_batch_ms {
+        gpu.max_batch_time = Duration::from_millis(ms);
+    }
     let fuse_calls = gpu.fuse_calls;
+    let max_fused_call_bytes = gpu.max_fused_call_bytes;
+    let max_batch_time = gpu.max_batch_time;
     let tuning = QuicTuning {
         max_udp_payload: a.max_udp_payload.unwrap_or(tls::MAX_UDP_PAYLOAD),
         ..QuicTuning::default()
@@ -265,6 +281,8 @@ pub async fn run(a: BenchArgs) -> Result<()> {
             c.gpu.timestamps = timestamps;
             c.gpu.idle_spin = idle_spin;
             c.gpu.fuse_calls = fuse_calls;
+            c.gpu.max_fused_call_bytes = max_fused_call_bytes;
+            c.gpu.max_batch_time = max_batch_time;
             // The bench decides the load; let the GPU queue hold all of it.
             // Its connections are one client (one certificate), so the
             // per-client bounds are the totals.

@@ -448,3 +448,38 @@ fn the_datagram_ceiling_applies_to_remote_and_raw_alike() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn the_embedded_servers_fusion_and_batch_bounds_are_the_benchs_to_set() {
+    // Concurrent small calls: fused unless the bound says no call is
+    // small enough; the report says how many were.
+    let run = |kib: &str| {
+        bench(&[
+            "--embedded",
+            "--kernel",
+            "saxpy",
+            "--size",
+            "256",
+            "--concurrency",
+            "32",
+            "--requests",
+            "2000",
+            "--warmup",
+            "100ms",
+            "--max-batch-ms",
+            "5",
+            "--max-fused-call-kib",
+            kib,
+        ])
+    };
+    let fused_of = |text: &str| -> u64 {
+        let at = text.find(" of them fused into ").expect("fusion reported");
+        let before = &text[..at];
+        let start = before.rfind(' ').map_or(0, |i| i + 1);
+        before[start..].parse().expect("a count of fused calls")
+    };
+    let none = run("0");
+    assert_eq!(fused_of(&none), 0, "{none}");
+    let some = run("64");
+    assert!(fused_of(&some) > 0, "{some}");
+}
