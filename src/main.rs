@@ -105,9 +105,21 @@ fn with_lavapipe_threads(n: u32) -> Result<()> {
 #[cfg(unix)]
 fn exec_with(vars: &[(&str, &str)]) -> Result<()> {
     use std::os::unix::process::CommandExt;
-    let exe = std::env::current_exe()?;
+    // On Linux the running image itself, which stays valid after its file
+    // was replaced or removed (an upgrade in place); `current_exe` then
+    // names a path that no longer exists.
+    let exe = if cfg!(target_os = "linux") {
+        std::path::PathBuf::from("/proc/self/exe")
+    } else {
+        std::env::current_exe()?
+    };
+    let mut args = std::env::args_os();
     let mut command = std::process::Command::new(&exe);
-    command.args(std::env::args_os().skip(1));
+    if let Some(name) = args.next() {
+        // The name it was started as, not `/proc/self/exe`.
+        command.arg0(name);
+    }
+    command.args(args);
     for (k, v) in vars {
         command.env(k, v);
     }

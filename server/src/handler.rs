@@ -52,7 +52,7 @@ use quasar_transport::{
 };
 use tokio::sync::{Semaphore, oneshot, watch};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::access::{Identity, peer_chain};
@@ -327,8 +327,9 @@ pub(crate) async fn connection(
     let cancelled = cancel.cancelled();
     tokio::pin!(cancelled);
     // Beside the loop rather than in it, so that calls do not pay for
-    // watching; closing the connection ends the loop.
-    let recheck = tokio::spawn(close_if_refused(
+    // watching; closing the connection ends the loop. Aborted however this
+    // task ends, so it never holds the connection open by itself.
+    let recheck = AbortOnDropHandle::new(tokio::spawn(close_if_refused(
         conn.clone(),
         chain,
         tls_watch,
@@ -336,7 +337,7 @@ pub(crate) async fn connection(
         stats.clone(),
         remote,
         conn_state.identity.to_string(),
-    ));
+    )));
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -362,7 +363,7 @@ pub(crate) async fn connection(
             () = &mut cancelled => break,
         }
     }
-    recheck.abort();
+    drop(recheck);
     calls.close();
     calls.wait().await;
     if cancel.is_cancelled() {
@@ -435,7 +436,11 @@ async fn close_if_refused(
                     Err(_) => return refuse("the check failed"),
                 }
             }
-            () = &mut expiry => return refuse("invalid peer certificate: Expired"),
+            () = &mut expiry => {
+                // In rustls's words, as a handshake would have refused it.
+                let expired = rustls::Error::InvalidCertificate(rustls::CertificateError::Expired);
+                return refuse(&expired.to_string());
+            }
         }
     }
 }

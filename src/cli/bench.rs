@@ -257,37 +257,30 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     if let Some(us) = a.gpu_idle_spin_us {
         gpu.idle_spin = Duration::from_micros(us);
     }
-    let idle_spin = gpu.idle_spin;
     if let Some(kib) = a.max_fused_call_kib {
         gpu.max_fused_call_bytes = kib.saturating_mul(1024);
     }
     if let Some(ms) = a.max_batch_ms {
         gpu.max_batch_time = Duration::from_millis(ms);
     }
-    let fuse_calls = gpu.fuse_calls;
-    let max_fused_call_bytes = gpu.max_fused_call_bytes;
-    let max_batch_time = gpu.max_batch_time;
     let tuning = QuicTuning {
         max_udp_payload: a.max_udp_payload.unwrap_or(tls::MAX_UDP_PAYLOAD),
         ..QuicTuning::default()
     };
     let mut embedded = None;
     let (clients, server_label, server_is_loopback) = if a.embedded {
-        let dir = a.kernels.clone();
-        let timestamps = a.gpu_timestamps.into();
+        // The same GPU settings as local dispatch, so the two compare.
+        let server_gpu = gpu.clone();
         let max_udp_payload = tuning.max_udp_payload;
         let server = EmbeddedServer::start(move |c| {
-            c.gpu.kernel_dir = dir;
-            c.gpu.timestamps = timestamps;
-            c.gpu.idle_spin = idle_spin;
-            c.gpu.fuse_calls = fuse_calls;
-            c.gpu.max_fused_call_bytes = max_fused_call_bytes;
-            c.gpu.max_batch_time = max_batch_time;
             // The bench decides the load; let the GPU queue hold all of it.
             // Its connections are one client (one certificate), so the
             // per-client bounds are the totals.
-            c.gpu.queue_depth = 4096;
-            c.gpu.max_queued_per_client = c.gpu.queue_depth;
+            c.gpu = GpuConfig {
+                queue_depth: 4096,
+                max_queued_per_client: 4096,
+                ..server_gpu
+            };
             c.max_inflight_bytes_per_client = c.max_inflight_bytes;
             c.quic.max_udp_payload = max_udp_payload;
         })

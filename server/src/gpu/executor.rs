@@ -695,8 +695,6 @@ struct Worker {
     kernels: Arc<Kernels>,
     stats: Arc<ExecutorStats>,
     queue: Arc<Queue>,
-    /// The kernels (version, index) of the last batch's fused dispatches.
-    fused_in_last: Vec<(u64, usize)>,
 }
 
 type Ready = (AdapterSummary, Arc<Kernels>);
@@ -732,8 +730,9 @@ struct Group {
     /// One buffer per storage binding, holding the calls' parts end to
     /// end, in call order.
     buffers: Vec<wgpu::Buffer>,
-    /// Each call's element offset in each buffer.
-    offsets: Vec<Vec<u64>>,
+    /// Each call's element offset in each buffer: call `pos`'s in buffer
+    /// `b` at `pos * buffers.len() + b`.
+    offsets: Vec<u64>,
     /// The calls' argument blocks, one after another.
     params: Option<(wgpu::Buffer, u64)>,
     /// The table of calls the kernel reads its offsets and lengths from.
@@ -746,6 +745,13 @@ struct Group {
     x: u32,
     pass: u32,
     pipeline: wgpu::ComputePipeline,
+}
+
+impl Group {
+    /// Where call `pos`'s part of buffer `b` starts, in bytes.
+    fn byte_offset(&self, pos: usize, b: usize) -> u64 {
+        self.offsets[pos * self.buffers.len() + b] * 4
+    }
 }
 
 /// What a call of a batch produced.
@@ -899,7 +905,6 @@ impl Worker {
             kernels: kernels.clone(),
             stats,
             queue,
-            fused_in_last: Vec::new(),
         };
         Ok((worker, (summary, kernels)))
     }
@@ -1098,26 +1103,29 @@ impl Worker {
                 });
         let gpu = gpu_start.elapsed();
         // Turns go by GPU time: the submission's is charged to the clients
-        // of its calls (each call's own pass where timestamps measured it).
-        // A failed submission is charged to nobody: its calls are run
-        // again one by one (and charged then) or failed for a cause that
-        // names no call (a lost device, a timeout).
-        if let Ok(outputs) = &executed {
-            let charges: Vec<(u64, Option<Duration>)> = live
-                .iter()
-                .zip(outputs)
-                .map(|(job, out)| {
-                    // A fused pass's time, shared equally by its calls
-                    // (all of one client).
-                    let exact = out
-                        .as_ref()
-                        .ok()
-                        .and_then(|o| o.kernel.map(|k| k / o.shared_by.max(1)));
-                    (job.source, exact)
-                })
-                .collect();
-            self.queue.charge(gpu, &charges);
-        }
+        // of its calls (each call's own pass where timestamps measured it),
+        // once the replies are on their way. A batch that failed
+        // validation is not: its calls run again one by one and are
+        // charged then. One that failed whole (a timeout, a lost device)
+        // held the GPU all the same, and is.
+        let charges: Option<Vec<(u64, Option<Duration>)>> = match &executed {
+            Ok(outputs) => Some(
+                live.iter()
+                    .zip(outputs)
+                    .map(|(job, out)| {
+                        // A fused pass's time, shared equally by its calls
+                        // (all of one client).
+                        let exact = out
+                            .as_ref()
+                            .ok()
+                            .and_then(|o| o.kernel.map(|k| k / o.shared_by.max(1)));
+                        (job.source, exact)
+                    })
+                    .collect(),
+            ),
+            Err(BatchError::All(_)) => Some(live.iter().map(|job| (job.source, None)).collect()),
+            Err(BatchError::Validation(_)) => None,
+        };
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         let pool = self.gpu.pool.stats();
         self.stats
@@ -1127,7 +1135,7 @@ impl Worker {
             .buffers_reused
             .store(pool.reused, Ordering::Relaxed);
         let batch = live.len();
-        match executed {
+        let failed = match executed {
             Ok(outputs) => {
                 self.stats.calls.fetch_add(batch as u64, Ordering::Relaxed);
                 for (job, out) in live.into_iter().zip(outputs) {
@@ -1158,7 +1166,20 @@ impl Worker {
                     calls = batch,
                     "a batch failed validation; running its calls one by one"
                 );
-                let fused = std::mem::take(&mut self.fused_in_last);
+                // The kernels it fused (found again: this path is rare).
+                let fused: Vec<(u64, usize)> = match sets_of(&self.compiled, &live) {
+                    Some(sets) if self.config.fuse_calls => fused_groups(
+                        &live,
+                        &sets,
+                        self.gpu.caps,
+                        self.config.max_fused_call_bytes,
+                    )
+                    .iter()
+                    .filter_map(|calls| calls.first().and_then(|&i| live.get(i)))
+                    .map(|job| (job.kernels.version, job.plan.kernel))
+                    .collect(),
+                    _ => Vec::new(),
+                };
                 let mut failed = 0;
                 for job in live {
                     failed += self.run_batch(vec![job]);
@@ -1185,7 +1206,11 @@ impl Worker {
                 }
                 0
             }
+        };
+        if let Some(charges) = charges {
+            self.queue.charge(gpu, &charges);
         }
+        failed
     }
 
     /// Stops fusing calls of a kernel (of one kernel set), for good.
@@ -1213,47 +1238,17 @@ impl Worker {
     /// and one client run as one dispatch where the kernel can be fused.
     /// The outputs of each call, or why the batch as a whole failed.
     fn execute(&mut self, jobs: &[Job]) -> Result<Vec<Result<CallOut, ExecError>>, BatchError> {
+        let sets = sets_of(&self.compiled, jobs).ok_or_else(|| BatchError::All(unavailable()))?;
         let gpu = &mut self.gpu;
-        let mut sets = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            let set = self
-                .compiled
-                .iter()
-                .find(|c| c.version == job.kernels.version)
-                .ok_or_else(|| BatchError::All(unavailable()))?;
-            sets.push(&set.kernels[..]);
-        }
-        let fused = if self.config.fuse_calls {
+        let mut fused = if self.config.fuse_calls {
             fused_groups(jobs, &sets, gpu.caps, self.config.max_fused_call_bytes)
         } else {
             Vec::new()
         };
-        self.fused_in_last = fused
-            .iter()
-            .filter_map(|calls| calls.first().and_then(|&i| jobs.get(i)))
-            .map(|job| (job.kernels.version, job.plan.kernel))
-            .collect();
-        // Each call alone, or each group, is one pass (timed as one).
         let mut in_group = vec![None; jobs.len()];
         for (g, calls) in fused.iter().enumerate() {
             for (pos, &i) in calls.iter().enumerate() {
                 in_group[i] = Some((g, pos));
-            }
-        }
-        let mut passes = 0u32;
-        let mut group_pass = vec![0; fused.len()];
-        let mut call_pass = vec![0; jobs.len()];
-        for (i, g) in in_group.iter().enumerate() {
-            match *g {
-                None => {
-                    call_pass[i] = passes;
-                    passes += 1;
-                }
-                Some((g, 0)) => {
-                    group_pass[g] = passes;
-                    passes += 1;
-                }
-                Some(_) => {}
             }
         }
 
@@ -1262,14 +1257,28 @@ impl Worker {
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("quasar batch"),
         });
-        let mut groups = Vec::with_capacity(fused.len());
-        for (calls, pass) in fused.into_iter().zip(group_pass) {
-            groups.push(prepare_group(gpu, &mut encoder, jobs, &sets, calls, pass)?);
-        }
+        // Each call alone, or each group, is one pass (timed as one), in
+        // batch order. Groups come in the order of their first calls, so a
+        // group is set up at its first call, before the others need it.
+        let mut passes = 0u32;
+        let mut groups: Vec<Group> = Vec::with_capacity(fused.len());
         let mut prepared = Vec::with_capacity(jobs.len());
         for (i, (job, compiled)) in jobs.iter().zip(&sets).enumerate() {
             let p = match in_group[i] {
                 Some((group, pos)) => {
+                    if pos == 0 {
+                        debug_assert_eq!(groups.len(), group, "groups in first-call order");
+                        let calls = std::mem::take(&mut fused[group]);
+                        groups.push(prepare_group(
+                            gpu,
+                            &mut encoder,
+                            jobs,
+                            &sets,
+                            calls,
+                            passes,
+                        )?);
+                        passes += 1;
+                    }
                     let (readback, map_len, stamps_at) = readback_for(gpu, &job.plan);
                     Prepared {
                         place: Place::Fused { group, pos },
@@ -1279,7 +1288,10 @@ impl Worker {
                         pass: groups[group].pass,
                     }
                 }
-                None => prepare_call(gpu, &mut encoder, job, compiled, call_pass[i]),
+                None => {
+                    passes += 1;
+                    prepare_call(gpu, &mut encoder, job, compiled, passes - 1)
+                }
             };
             prepared.push(p);
         }
@@ -1508,6 +1520,19 @@ impl Worker {
     }
 }
 
+/// The compiled kernels each job was checked against, or `None` if a job's
+/// kernel set is gone (its device was lost).
+fn sets_of<'a>(compiled: &'a [CompiledSet], jobs: &[Job]) -> Option<Vec<&'a [Compiled]>> {
+    jobs.iter()
+        .map(|job| {
+            compiled
+                .iter()
+                .find(|c| c.version == job.kernels.version)
+                .map(|c| &c.kernels[..])
+        })
+        .collect()
+}
+
 fn unavailable() -> ExecError {
     ExecError::Unavailable("the GPU device was lost and is being recreated; retry the call".into())
 }
@@ -1648,7 +1673,7 @@ fn prepare_group(
         .as_ref()
         .ok_or_else(|| BatchError::Validation("a fused group of an unfused kernel".into()))?;
     let mut elems = vec![0u64; iface.buffers.len()];
-    let mut offsets = Vec::with_capacity(calls.len());
+    let mut offsets = Vec::with_capacity(calls.len() * elems.len());
     let mut table_bytes = Vec::with_capacity(calls.len() * (4 + elems.len() * 8));
     let mut x = 1;
     for &i in &calls {
@@ -1659,7 +1684,7 @@ fn prepare_group(
             own_x,
             elems.iter().copied().zip(plan.lens.iter().copied()),
         );
-        offsets.push(elems.clone());
+        offsets.extend_from_slice(&elems);
         // Each part ends with its sink element.
         for (e, &len) in elems.iter_mut().zip(&plan.lens) {
             *e += len + 1;
@@ -1909,7 +1934,7 @@ fn upload(
             (UploadTo::Buffer(idx, _), Place::Own { buffers, .. }) => (&buffers[*idx], 0),
             (UploadTo::Buffer(idx, _), Place::Fused { group, pos }) => {
                 let g = &groups[*group];
-                (&g.buffers[*idx], g.offsets[*pos][*idx] * 4)
+                (&g.buffers[*idx], g.byte_offset(*pos, *idx))
             }
             (UploadTo::Params, Place::Own { uniform, .. }) => match uniform {
                 Some(uniform) => (uniform, 0),
@@ -1964,7 +1989,7 @@ fn copy_to_readback(encoder: &mut wgpu::CommandEncoder, job: &Job, p: &Prepared,
             Place::Own { buffers, .. } => (&buffers[i], 0),
             Place::Fused { group, pos } => {
                 let g = &groups[*group];
-                (&g.buffers[i], g.offsets[*pos][i] * 4)
+                (&g.buffers[i], g.byte_offset(*pos, i))
             }
         };
         encoder.copy_buffer_to_buffer(from, at, rb, slot.start as u64, Some(plan.lens[i] * 4));
@@ -2099,30 +2124,10 @@ fn compile(
     let mut entries: Vec<wgpu::BindGroupLayoutEntry> = iface
         .buffers
         .iter()
-        .map(|b| wgpu::BindGroupLayoutEntry {
-            binding: b.binding,
-            visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::Buffer {
-                ty: wgpu::BufferBindingType::Storage {
-                    read_only: b.role == BufferRole::Input,
-                },
-                has_dynamic_offset: false,
-                min_binding_size: None,
-            },
-            count: None,
-        })
+        .map(|b| storage_entry(b.binding, b.role == BufferRole::Input))
         .collect();
     if let Some(p) = &iface.params {
-        entries.push(wgpu::BindGroupLayoutEntry {
-            binding: p.binding,
-            visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::Buffer {
-                ty: wgpu::BufferBindingType::Uniform,
-                has_dynamic_offset: false,
-                min_binding_size: None,
-            },
-            count: None,
-        });
+        entries.push(layout_entry(p.binding, wgpu::BufferBindingType::Uniform));
     }
     let bind_group_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
         label: Some(&iface.name),
@@ -2160,17 +2165,21 @@ fn compile(
     })
 }
 
-fn storage_entry(binding: u32, read_only: bool) -> wgpu::BindGroupLayoutEntry {
+fn layout_entry(binding: u32, ty: wgpu::BufferBindingType) -> wgpu::BindGroupLayoutEntry {
     wgpu::BindGroupLayoutEntry {
         binding,
         visibility: wgpu::ShaderStages::COMPUTE,
         ty: wgpu::BindingType::Buffer {
-            ty: wgpu::BufferBindingType::Storage { read_only },
+            ty,
             has_dynamic_offset: false,
             min_binding_size: None,
         },
         count: None,
     }
+}
+
+fn storage_entry(binding: u32, read_only: bool) -> wgpu::BindGroupLayoutEntry {
+    layout_entry(binding, wgpu::BufferBindingType::Storage { read_only })
 }
 
 /// Compiles a kernel's fused form: the same buffers, the arguments as a

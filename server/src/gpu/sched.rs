@@ -312,7 +312,11 @@ impl<J: Queued, C> FairQueue<J, C> {
     /// Charges a submission's GPU time to the sources of its calls: each
     /// call its measured time where there is one (GPU timestamps; taken
     /// as at most the submission's), the rest of `batch` split among the
-    /// others in proportion to their sources' recent time per call.
+    /// others in proportion to their sources' recent time per call, or,
+    /// when every call was measured, equally among them all (the copies
+    /// in and out and the submission itself take the thread's time too,
+    /// and a call with large buffers and a trivial kernel must pay for
+    /// them).
     pub fn charge(&self, batch: Duration, calls: &[(u64, Option<Duration>)]) {
         if calls.is_empty() {
             return;
@@ -324,16 +328,17 @@ impl<J: Queued, C> FairQueue<J, C> {
         let rest = batch.as_nanos().saturating_sub(measured);
         // Each call's weight as things stand before this charge changes
         // them, so that the shares add up to the batch.
+        let all_measured = calls.iter().all(|c| c.1.is_some());
         let weights: Vec<u128> = calls
             .iter()
             .map(|&(source, e)| match e {
-                Some(_) => 0,
+                Some(_) => u128::from(all_measured),
                 None => u128::from(estimate(&s, source)),
             })
             .collect();
         let total: u128 = weights.iter().sum::<u128>().max(1);
         for (&(source, e), weight) in calls.iter().zip(weights) {
-            let ns = exact(e).unwrap_or(rest * weight / total);
+            let ns = exact(e).unwrap_or(0) + rest * weight / total;
             let ns = u64::try_from(ns).unwrap_or(u64::MAX);
             s.typical = ewma(s.typical, ns);
             let floor = s.floor;
@@ -472,10 +477,10 @@ mod tests {
     fn sources_take_turns() {
         let q: FairQueue<J, ()> = FairQueue::new(100, 100);
         for i in 0..5 {
-            q.try_push(1, J(1, i)).map_err(|e| e.0).expect("push");
+            push(&q, 1, i);
         }
-        q.try_push(2, J(2, 0)).map_err(|e| e.0).expect("push");
-        q.try_push(3, J(3, 0)).map_err(|e| e.0).expect("push");
+        push(&q, 2, 0);
+        push(&q, 3, 0);
         let Some((Next::Jobs(jobs), Waited::No)) =
             q.next_blocking(BatchBounds::jobs_and_bytes(4, u64::MAX), Duration::ZERO)
         else {
@@ -483,6 +488,13 @@ mod tests {
         };
         assert_eq!(jobs, vec![J(1, 0), J(2, 0), J(3, 0), J(1, 1)]);
         assert_eq!(q.len(), 3);
+    }
+
+    /// Queues job `i` of `source`.
+    fn push<C>(q: &FairQueue<J, C>, source: u64, i: u32) {
+        q.try_push(source, J(source, i))
+            .map_err(|e| e.0)
+            .expect("push");
     }
 
     /// Takes one batch of at most `n` jobs.
@@ -497,8 +509,8 @@ mod tests {
     fn turns_go_by_gpu_time_not_by_calls() {
         let q: FairQueue<J, ()> = FairQueue::new(100, 100);
         for i in 0..20 {
-            q.try_push(1, J(1, i)).map_err(|e| e.0).expect("push");
-            q.try_push(2, J(2, i)).map_err(|e| e.0).expect("push");
+            push(&q, 1, i);
+            push(&q, 2, i);
         }
         // Round robin while nothing is known.
         assert_eq!(batch(&q, 2), vec![J(1, 0), J(2, 0)]);
@@ -528,8 +540,8 @@ mod tests {
     fn a_batch_is_split_by_each_sources_time_per_call() {
         let q: FairQueue<J, ()> = FairQueue::new(100, 100);
         for i in 0..4 {
-            q.try_push(1, J(1, i)).map_err(|e| e.0).expect("push");
-            q.try_push(2, J(2, i)).map_err(|e| e.0).expect("push");
+            push(&q, 1, i);
+            push(&q, 2, i);
         }
         // Learn: 1's calls take 3 ms, 2's 1 ms (alone in their batches).
         let _ = batch(&q, 1);
@@ -562,18 +574,27 @@ mod tests {
             );
             assert!(s.accounts[&1].per_call.abs_diff(156_250) < 1_000);
         }
+        // Every call measured: what the passes did not take (copies, the
+        // submission) is shared equally, so the batch is still charged
+        // whole.
+        let q: FairQueue<J, ()> = FairQueue::new(100, 100);
+        let ms = Duration::from_millis;
+        q.charge(ms(10), &[(1, Some(ms(1))), (2, Some(ms(3)))]);
+        let s = q.lock();
+        assert_eq!(s.accounts[&1].vtime, 4_000_000);
+        assert_eq!(s.accounts[&2].vtime, 6_000_000);
     }
 
     #[test]
     fn a_source_that_comes_back_starts_level_but_keeps_what_it_owes() {
         let q: FairQueue<J, ()> = FairQueue::new(100, 100);
-        q.try_push(1, J(1, 0)).map_err(|e| e.0).expect("push");
-        q.try_push(2, J(2, 0)).map_err(|e| e.0).expect("push");
+        push(&q, 1, 0);
+        push(&q, 2, 0);
         assert_eq!(batch(&q, 1), vec![J(1, 0)]);
         // Source 1 used 50 ms while source 2 waited: it owes them, though
         // its queue was empty meanwhile.
         q.charge(Duration::from_millis(50), &[(1, None)]);
-        q.try_push(1, J(1, 1)).map_err(|e| e.0).expect("push");
+        push(&q, 1, 1);
         {
             let s = q.lock();
             assert_eq!(s.accounts[&1].vtime, s.accounts[&2].vtime + 50_000_000);
@@ -584,7 +605,7 @@ mod tests {
         // Nobody waits now: the debts are settled, and a source that joins
         // starts level with the furthest, saving up no idle time.
         q.charge(Duration::from_millis(1), &[(1, None)]);
-        q.try_push(2, J(2, 1)).map_err(|e| e.0).expect("push");
+        push(&q, 2, 1);
         let s = q.lock();
         assert_eq!(s.floor, 51_000_000);
         assert_eq!(s.accounts[&2].vtime, s.floor);
@@ -596,7 +617,7 @@ mod tests {
         // A long-lived source keeps the queue busy while a thousand
         // others come once each.
         for i in 0..1000u64 {
-            q.try_push(1, J(1, 0)).map_err(|e| e.0).expect("push");
+            push(&q, 1, 0);
             q.try_push(10 + i, J(10 + i, 0))
                 .map_err(|e| e.0)
                 .expect("push");
@@ -616,7 +637,7 @@ mod tests {
     fn batches_stop_at_their_estimated_gpu_time() {
         let q: FairQueue<J, ()> = FairQueue::new(100, 100);
         for i in 0..10 {
-            q.try_push(1, J(1, i)).map_err(|e| e.0).expect("push");
+            push(&q, 1, i);
         }
         let _ = batch(&q, 1);
         q.charge(Duration::from_millis(4), &[(1, None)]);
@@ -642,13 +663,13 @@ mod tests {
     #[test]
     fn bounds_are_enforced_per_source_and_in_total() {
         let q: FairQueue<J, ()> = FairQueue::new(3, 2);
-        q.try_push(1, J(1, 0)).map_err(|e| e.0).expect("push");
-        q.try_push(1, J(1, 1)).map_err(|e| e.0).expect("push");
+        push(&q, 1, 0);
+        push(&q, 1, 1);
         assert_eq!(
             q.try_push(1, J(1, 2)).map_err(|e| e.0),
             Err(SubmitError::SourceFull(2))
         );
-        q.try_push(2, J(2, 0)).map_err(|e| e.0).expect("push");
+        push(&q, 2, 0);
         assert_eq!(
             q.try_push(3, J(3, 0)).map_err(|e| e.0),
             Err(SubmitError::Full(3))
@@ -659,7 +680,7 @@ mod tests {
     fn batches_stop_at_the_byte_limit_but_take_at_least_one() {
         let q: FairQueue<J, ()> = FairQueue::new(10, 10);
         for i in 0..4 {
-            q.try_push(1, J(1, i)).map_err(|e| e.0).expect("push");
+            push(&q, 1, i);
         }
         let Some((Next::Jobs(jobs), _)) =
             q.next_blocking(BatchBounds::jobs_and_bytes(10, 25), Duration::ZERO)
@@ -696,7 +717,7 @@ mod tests {
             assert!(start.elapsed() < within, "the consumer never got ready");
             std::thread::sleep(Duration::from_millis(1));
         }
-        q.try_push(1, J(1, 7)).map_err(|e| e.0).expect("push");
+        push(&q, 1, 7);
         match rx.recv_timeout(within) {
             Ok(Some((Next::Jobs(jobs), waited))) => {
                 assert_eq!(jobs, vec![J(1, 7)]);
@@ -749,7 +770,7 @@ mod tests {
     #[test]
     fn control_goes_first_and_close_drains() {
         let q: FairQueue<J, &str> = FairQueue::new(10, 10);
-        q.try_push(1, J(1, 0)).map_err(|e| e.0).expect("push");
+        push(&q, 1, 0);
         q.push_control("reload").expect("control");
         assert!(matches!(
             q.next_blocking(BatchBounds::jobs_and_bytes(10, u64::MAX), Duration::ZERO),
