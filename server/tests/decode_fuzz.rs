@@ -85,6 +85,7 @@ fn request() -> impl Strategy<Value = RequestHeader> {
         Just("matmul"),
         Just("prefix_sum"),
         Just("histogram"),
+        Just("copy"),
         Just("nope"),
     ]
     .prop_map(String::from);

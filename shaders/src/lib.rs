@@ -57,6 +57,10 @@ pub const SHIPPED: &[ShippedKernel] = &[
         name: "histogram",
         source: include_str!("../wgsl/histogram.wgsl"),
     },
+    ShippedKernel {
+        name: "copy",
+        source: include_str!("../wgsl/copy.wgsl"),
+    },
 ];
 
 #[cfg(test)]

@@ -119,7 +119,7 @@ pub fn request_bytes(kernel: &str, size: usize) -> Option<u64> {
     Some(match kernel {
         "saxpy" | "add" | "mul" => 2 * n.saturating_mul(4),
         "matmul" => 2 * n.saturating_mul(n).saturating_mul(4),
-        "reduce_sum" | "prefix_sum" | "histogram" => n.saturating_mul(4),
+        "reduce_sum" | "prefix_sum" | "histogram" | "copy" => n.saturating_mul(4),
         _ => return None,
     })
 }
@@ -138,6 +138,7 @@ impl Sample {
             "matmul" => Self::matmul(size, size, size, rng),
             "prefix_sum" => Self::prefix_sum(size, rng),
             "histogram" => Self::histogram(size, 64, 16, rng),
+            "copy" => Self::copy(size, rng),
             _ => return None,
         })
     }
@@ -282,6 +283,18 @@ impl Sample {
             ],
             inputs: vec![("values".into(), HostBuffer::U32(values))],
             expected: vec![("bins".into(), Expected::Exact(HostBuffer::U32(expected)))],
+        }
+    }
+
+    /// Copy of `n` random u32s; exact.
+    pub fn copy(n: usize, rng: &mut StdRng) -> Self {
+        let input: Vec<u32> = (0..n).map(|_| rng.random::<u32>()).collect();
+        let expected = reference::copy(&input);
+        Self {
+            kernel: "copy",
+            args: Vec::new(),
+            inputs: vec![("input".into(), HostBuffer::U32(input))],
+            expected: vec![("out".into(), Expected::Exact(HostBuffer::U32(expected)))],
         }
     }
 

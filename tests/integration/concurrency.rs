@@ -259,7 +259,7 @@ async fn calls_fused_into_one_dispatch_each_get_their_own_result() {
         c.gpu.max_fused_call_bytes = u64::MAX;
     })
     .await;
-    let fusable = ["saxpy", "add", "mul", "histogram"];
+    let fusable = ["saxpy", "add", "mul", "histogram", "copy"];
     // Warm-up, so that the pipelines' first use is not in the batches.
     samples_at_once(&server, &fusable, 4, 400).await;
     let stats = server.stats().clone();
