@@ -5,9 +5,15 @@
 // readback) and next to nothing more, so it measures the payload path
 // through the GPU, as `quasar.echo` measures it without one.
 //
+// Four elements per invocation: on lavapipe each workgroup has a fixed
+// cost that a one-element copy does not cover (1 MiB: 489 us for the pass
+// with one per invocation, 320 us with four, the same with 16 or 64;
+// BENCHMARKS.md, "All eight targets on one build"), while a GPU still gets
+// 256 workgroups per MiB.
+//
 // quasar: output out = len_input
 // quasar: flexible_workgroups
-// quasar: stage main = min(ceil_div(len_input, wg_x), max_wg)
+// quasar: stage main = min(ceil_div(len_input, wg_x * 4), max_wg)
 
 @group(0) @binding(0) var<storage, read> input: array<u32>;
 @group(0) @binding(1) var<storage, read_write> out: array<u32>;
