@@ -258,14 +258,7 @@ impl Sample {
 
     /// Exclusive prefix sum of `n` random u32 (wrapping); exact.
     pub fn prefix_sum(n: usize, rng: &mut StdRng) -> Self {
-        let input: Vec<u32> = (0..n).map(|_| rng.random::<u32>()).collect();
-        let expected = reference::prefix_sum(&input);
-        Self {
-            kernel: "prefix_sum",
-            args: Vec::new(),
-            inputs: vec![("input".into(), HostBuffer::U32(input))],
-            expected: vec![("output".into(), Expected::Exact(HostBuffer::U32(expected)))],
-        }
+        Self::of_random_u32s("prefix_sum", "output", n, rng, reference::prefix_sum)
     }
 
     /// Histogram of `n` values into `num_bins` bins of `bin_width`; about one
@@ -288,13 +281,25 @@ impl Sample {
 
     /// Copy of `n` random u32s; exact.
     pub fn copy(n: usize, rng: &mut StdRng) -> Self {
+        Self::of_random_u32s("copy", "out", n, rng, reference::copy)
+    }
+
+    /// A kernel of one input `input` of `n` random u32s and no arguments,
+    /// whose output `out` must equal `f(input)` exactly.
+    fn of_random_u32s(
+        kernel: &'static str,
+        out: &str,
+        n: usize,
+        rng: &mut StdRng,
+        f: fn(&[u32]) -> Vec<u32>,
+    ) -> Self {
         let input: Vec<u32> = (0..n).map(|_| rng.random::<u32>()).collect();
-        let expected = reference::copy(&input);
+        let expected = f(&input);
         Self {
-            kernel: "copy",
+            kernel,
             args: Vec::new(),
             inputs: vec![("input".into(), HostBuffer::U32(input))],
-            expected: vec![("out".into(), Expected::Exact(HostBuffer::U32(expected)))],
+            expected: vec![(out.into(), Expected::Exact(HostBuffer::U32(expected)))],
         }
     }
 

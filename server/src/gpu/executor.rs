@@ -2121,23 +2121,11 @@ fn compile(
         label: Some(&iface.name),
         source: wgpu::ShaderSource::Naga(Cow::Owned(module)),
     });
-    let mut entries: Vec<wgpu::BindGroupLayoutEntry> = iface
-        .buffers
+    let params = iface
+        .params
         .iter()
-        .map(|b| storage_entry(b.binding, b.role == BufferRole::Input))
-        .collect();
-    if let Some(p) = &iface.params {
-        entries.push(layout_entry(p.binding, wgpu::BufferBindingType::Uniform));
-    }
-    let bind_group_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-        label: Some(&iface.name),
-        entries: &entries,
-    });
-    let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-        label: Some(&iface.name),
-        bind_group_layouts: &[Some(&bind_group_layout)],
-        immediate_size: 0,
-    });
+        .map(|p| layout_entry(p.binding, wgpu::BufferBindingType::Uniform));
+    let (bind_group_layout, layout) = layouts(device, &iface.name, iface, params);
     let pipelines = iface
         .stages
         .iter()
@@ -2163,6 +2151,32 @@ fn compile(
         pipelines,
         fused,
     })
+}
+
+/// The bind-group layout of a kernel's buffers and `extra` entries (its
+/// arguments, a fused form's table), and the pipeline layout over it.
+fn layouts(
+    device: &wgpu::Device,
+    label: &str,
+    iface: &KernelInterface,
+    extra: impl Iterator<Item = wgpu::BindGroupLayoutEntry>,
+) -> (wgpu::BindGroupLayout, wgpu::PipelineLayout) {
+    let entries: Vec<wgpu::BindGroupLayoutEntry> = iface
+        .buffers
+        .iter()
+        .map(|b| storage_entry(b.binding, b.role == BufferRole::Input))
+        .chain(extra)
+        .collect();
+    let bind_group_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+        label: Some(label),
+        entries: &entries,
+    });
+    let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+        label: Some(label),
+        bind_group_layouts: &[Some(&bind_group_layout)],
+        immediate_size: 0,
+    });
+    (bind_group_layout, layout)
 }
 
 fn layout_entry(binding: u32, ty: wgpu::BufferBindingType) -> wgpu::BindGroupLayoutEntry {
@@ -2195,24 +2209,13 @@ fn compile_fused(
         label: Some(&label),
         source: wgpu::ShaderSource::Naga(Cow::Owned(fused.module)),
     });
-    let mut entries: Vec<wgpu::BindGroupLayoutEntry> = iface
-        .buffers
+    let extra = iface
+        .params
         .iter()
-        .map(|b| storage_entry(b.binding, b.role == BufferRole::Input))
-        .collect();
-    if let Some(p) = &iface.params {
-        entries.push(storage_entry(p.binding, true));
-    }
-    entries.push(storage_entry(fused.table_binding, true));
-    let bind_group_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-        label: Some(&label),
-        entries: &entries,
-    });
-    let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-        label: Some(&label),
-        bind_group_layouts: &[Some(&bind_group_layout)],
-        immediate_size: 0,
-    });
+        .map(|p| p.binding)
+        .chain([fused.table_binding])
+        .map(|binding| storage_entry(binding, true));
+    let (bind_group_layout, layout) = layouts(device, &label, iface, extra);
     let entry_point = iface.stages.first().map(|s| s.entry_point.as_str());
     let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
         label: Some(&label),
