@@ -158,7 +158,11 @@ impl Clients {
         if let Some(client) = live.by_identity.get(&key).and_then(Weak::upgrade) {
             return client;
         }
-        // In-process callers are source 0 of the GPU queue.
+        // In-process callers are source 0 of the GPU queue. Two identities
+        // sharing an id (a collision of a 64-bit keyed hash, about one in
+        // 2^64 per pair) would share queue turns and per-client queue
+        // bounds, and their calls could share a fused dispatch: each call
+        // still reaches only its own part of the buffers there.
         let id = live.ids.hash_one(&key).max(1);
         let client = Arc::new(Client {
             id,

@@ -1683,7 +1683,10 @@ fn prepare_group(
             &mut table_bytes,
             own_x,
             elems.iter().copied().zip(plan.lens.iter().copied()),
-        );
+        )
+        .ok_or_else(|| {
+            BatchError::Validation("a fused group's offsets do not fit the table's u32s".into())
+        })?;
         offsets.extend_from_slice(&elems);
         // Each part ends with its sink element.
         for (e, &len) in elems.iter_mut().zip(&plan.lens) {

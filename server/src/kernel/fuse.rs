@@ -23,7 +23,11 @@
 //! - `workgroup_id`, `num_workgroups` and `global_invocation_id` read as
 //!   they would in the call's own `(x, 1, 1)` dispatch, and the body runs
 //!   only in the call's own `x` workgroups (the dispatch has the most any
-//!   call asked for), so a fused call computes exactly what it would alone.
+//!   call asked for), so a fused call computes exactly what it would alone
+//!   as long as it stays in bounds. An access out of bounds reaches the
+//!   call's sink element, zeroed for each call, where a lone dispatch gets
+//!   what wgpu's bounds checks give on that backend (a clamped index or
+//!   zero).
 //!
 //! Only kernels declared `flexible_workgroups` are fused: one 1-D stage,
 //! whose calls can share a dispatch whatever their workgroup counts. A
@@ -61,14 +65,26 @@ pub struct FusedKernel {
 
 /// Appends a call's row of the table of calls: its workgroup count along
 /// x, then each buffer's element offset and length. Offsets and lengths
-/// are those [`group_calls`] let through, which fit a `u32`.
-pub fn table_row(table: &mut Vec<u8>, x: u32, parts: impl IntoIterator<Item = (u64, u64)>) {
-    let word = |v: u64| u32::try_from(v).unwrap_or(u32::MAX).to_le_bytes();
+/// are those [`group_calls`] let through, which fit a `u32`; should one
+/// not, the row is refused (`None`, the table left as it was), never
+/// saturated: a saturated offset would make the shader's clamped index
+/// wrap into another call's part.
+pub fn table_row(
+    table: &mut Vec<u8>,
+    x: u32,
+    parts: impl IntoIterator<Item = (u64, u64)>,
+) -> Option<()> {
+    let start = table.len();
     table.extend(x.to_le_bytes());
     for (offset, len) in parts {
-        table.extend(word(offset));
-        table.extend(word(len));
+        let (Ok(offset), Ok(len)) = (u32::try_from(offset), u32::try_from(len)) else {
+            table.truncate(start);
+            return None;
+        };
+        table.extend(offset.to_le_bytes());
+        table.extend(len.to_le_bytes());
     }
+    Some(())
 }
 
 /// Why a kernel is not fused: it is still served, one dispatch per call.
@@ -493,12 +509,7 @@ pub fn fuse(iface: &KernelInterface, module: &naga::Module) -> Result<FusedKerne
     f.expressions = new;
     m.entry_points.push(ep);
 
-    naga::valid::Validator::new(
-        naga::valid::ValidationFlags::all(),
-        naga::valid::Capabilities::default(),
-    )
-    .validate(&m)
-    .map_err(|e| {
+    super::validator().validate(&m).map_err(|e| {
         no(format!(
             "the fused kernel does not validate: {}",
             e.as_inner()
@@ -621,7 +632,8 @@ fn clamped_access(
 /// compute kernel over buffers has no use for are refused.
 fn remap_expression(e: &Expression, m: &Moved) -> Result<Expression, NotFusable> {
     use Expression as E;
-    Ok(match *e {
+    let mut e = e.clone();
+    match &mut e {
         E::Literal(_)
         | E::Constant(_)
         | E::Override(_)
@@ -633,88 +645,50 @@ fn remap_expression(e: &Expression, m: &Moved) -> Result<Expression, NotFusable>
         | E::AtomicResult { .. }
         | E::WorkGroupUniformLoadResult { .. }
         | E::SubgroupBallotResult
-        | E::SubgroupOperationResult { .. } => e.clone(),
-        E::Compose { ty, ref components } => E::Compose {
-            ty,
-            components: components
-                .iter()
-                .map(|&c| m.get(c))
-                .collect::<Result<_, _>>()?,
-        },
-        E::Access { base, index } => E::Access {
-            base: m.get(base)?,
-            index: m.get(index)?,
-        },
-        E::AccessIndex { base, index } => E::AccessIndex {
-            base: m.get(base)?,
-            index,
-        },
-        E::Splat { size, value } => E::Splat {
-            size,
-            value: m.get(value)?,
-        },
-        E::Swizzle {
-            size,
-            vector,
-            pattern,
-        } => E::Swizzle {
-            size,
-            vector: m.get(vector)?,
-            pattern,
-        },
-        E::Load { pointer } => E::Load {
-            pointer: m.get(pointer)?,
-        },
-        E::Unary { op, expr } => E::Unary {
-            op,
-            expr: m.get(expr)?,
-        },
-        E::Binary { op, left, right } => E::Binary {
-            op,
-            left: m.get(left)?,
-            right: m.get(right)?,
-        },
+        | E::SubgroupOperationResult { .. } => {}
+        E::Compose { components, .. } => {
+            for c in components {
+                *c = m.get(*c)?;
+            }
+        }
+        E::AccessIndex { base: h, .. }
+        | E::Splat { value: h, .. }
+        | E::Swizzle { vector: h, .. }
+        | E::Load { pointer: h }
+        | E::Unary { expr: h, .. }
+        | E::Derivative { expr: h, .. }
+        | E::Relational { argument: h, .. }
+        | E::As { expr: h, .. }
+        | E::ArrayLength(h) => *h = m.get(*h)?,
+        E::Access { base, index } => {
+            *base = m.get(*base)?;
+            *index = m.get(*index)?;
+        }
+        E::Binary { left, right, .. } => {
+            *left = m.get(*left)?;
+            *right = m.get(*right)?;
+        }
         E::Select {
             condition,
             accept,
             reject,
-        } => E::Select {
-            condition: m.get(condition)?,
-            accept: m.get(accept)?,
-            reject: m.get(reject)?,
-        },
-        E::Derivative { axis, ctrl, expr } => E::Derivative {
-            axis,
-            ctrl,
-            expr: m.get(expr)?,
-        },
-        E::Relational { fun, argument } => E::Relational {
-            fun,
-            argument: m.get(argument)?,
-        },
+        } => {
+            for h in [condition, accept, reject] {
+                *h = m.get(*h)?;
+            }
+        }
         E::Math {
-            fun,
             arg,
             arg1,
             arg2,
             arg3,
-        } => E::Math {
-            fun,
-            arg: m.get(arg)?,
-            arg1: m.opt(arg1)?,
-            arg2: m.opt(arg2)?,
-            arg3: m.opt(arg3)?,
-        },
-        E::As {
-            expr,
-            kind,
-            convert,
-        } => E::As {
-            expr: m.get(expr)?,
-            kind,
-            convert,
-        },
-        E::ArrayLength(p) => E::ArrayLength(m.get(p)?),
+            ..
+        } => {
+            *arg = m.get(*arg)?;
+            for a in [arg1, arg2, arg3] {
+                *a = m.opt(*a)?;
+            }
+        }
         E::ImageSample { .. }
         | E::ImageLoad { .. }
         | E::ImageQuery { .. }
@@ -727,7 +701,8 @@ fn remap_expression(e: &Expression, m: &Moved) -> Result<Expression, NotFusable>
                 "its entry point uses images, ray queries or cooperative matrices",
             ));
         }
-    })
+    }
+    Ok(e)
 }
 
 fn remap_block(
@@ -986,6 +961,21 @@ mod tests {
             let err = fused("bad", &src).expect_err(&src).to_string();
             assert!(err.contains(want), "{err:?} does not contain {want:?}");
         }
+    }
+
+    #[test]
+    fn a_table_row_is_words_and_refuses_what_a_u32_cannot_hold() {
+        let mut table = Vec::new();
+        assert_eq!(table_row(&mut table, 7, [(0, 5), (6, 2)]), Some(()));
+        let words: Vec<u32> = table
+            .chunks_exact(4)
+            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+            .collect();
+        assert_eq!(words, [7, 0, 5, 6, 2]);
+        // Saturating would let `off + min(i, len)` wrap into another part.
+        assert_eq!(table_row(&mut table, 1, [(1 << 32, 1)]), None);
+        assert_eq!(table_row(&mut table, 1, [(0, 1), (0, u64::MAX)]), None);
+        assert_eq!(table.len(), 20, "a refused row leaves the table as it was");
     }
 
     #[test]

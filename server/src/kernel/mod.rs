@@ -211,15 +211,12 @@ impl KernelInterface {
             kernel: name.to_owned(),
             message: e.emit_to_string(source),
         })?;
-        naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::default(),
-        )
-        .validate(&module)
-        .map_err(|e| KernelError::Validate {
-            kernel: name.to_owned(),
-            message: e.emit_to_string(source),
-        })?;
+        validator()
+            .validate(&module)
+            .map_err(|e| KernelError::Validate {
+                kernel: name.to_owned(),
+                message: e.emit_to_string(source),
+            })?;
         let interface = reflect(name, &module, source)?;
         Ok(ParsedKernel { interface, module })
     }
@@ -250,6 +247,16 @@ impl KernelInterface {
             self.stages.len()
         )
     }
+}
+
+/// The validator a module is held to as the server serves it: every check
+/// naga has, and its default capabilities (no subgroups, no f64), for a
+/// parsed kernel and for its fused rewrite alike.
+fn validator() -> naga::valid::Validator {
+    naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::default(),
+    )
 }
 
 fn reflect(
